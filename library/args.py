@@ -1,0 +1,169 @@
+"""Command-line options shared by the recipes, `--config_file` handling and early checks.
+
+Each `add_*_arguments` adds one group, with the names, defaults and meaning of
+kohya-ss/sd-scripts (see docs/options.md). A recipe builds its parser from the
+groups it owns.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SCRIPT_DESCRIPTIONS = {
+    "train_network": "Train a LoRA / LoCon network for Stable Diffusion 1.x/2.x.",
+    "train_db": "DreamBooth: train the U-Net (and optionally the text encoder) of Stable Diffusion 1.x/2.x.",
+    "fine_tune": "Fine-tune a Stable Diffusion 1.x/2.x model from a metadata file.",
+    "train_textual_inversion": "Textual Inversion: learn new token embeddings for Stable Diffusion 1.x/2.x.",
+}
+
+# --save_model_as choices and default per script (full-model scripts default to the source format).
+SAVE_MODEL_AS = {
+    "train_network": (("ckpt", "pt", "safetensors"), "safetensors"),
+    "train_textual_inversion": (("ckpt", "pt", "safetensors"), "pt"),
+    "train_db": (("ckpt", "safetensors", "diffusers", "diffusers_safetensors"), None),
+    "fine_tune": (("ckpt", "safetensors", "diffusers", "diffusers_safetensors"), None),
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("base model")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="base model: an SD checkpoint file (.ckpt/.safetensors), a diffusers folder, or a Hugging Face model id",
+    )
+    group.add_argument("--v2", action="store_true", help="the base model is Stable Diffusion 2.x")
+    group.add_argument(
+        "--v_parameterization", action="store_true", help="the model predicts v (SD2 768-v models); use with --v2"
+    )
+    group.add_argument(
+        "--vae", type=str, default=None, help="replacement VAE: a VAE file, a full checkpoint, a diffusers folder or a hub id"
+    )
+    group.add_argument(
+        "--tokenizer_cache_dir", type=str, default=None, help="folder to keep the tokenizer in (written once, read after)"
+    )
+
+
+def add_text_encoding_arguments(parser: argparse.ArgumentParser, weighted_captions: bool = True) -> None:
+    group = parser.add_argument_group("text encoding")
+    group.add_argument(
+        "--clip_skip", type=int, default=None, help="use the output of the n-th last text-encoder layer (2 = penultimate)"
+    )
+    group.add_argument(
+        "--max_token_length",
+        type=int,
+        default=None,
+        choices=[75, 150, 225],
+        help="tokens per caption: 75 (default), 150 or 225 (split into 75-token chunks)",
+    )
+    if weighted_captions:
+        group.add_argument(
+            "--weighted_captions", action="store_true", help="enable (word:1.2) / [word] weights in captions"
+        )
+
+
+def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("attention")
+    group.add_argument("--xformers", action="store_true", help="use xformers attention (needs xformers and a CUDA GPU)")
+    group.add_argument("--mem_eff_attn", action="store_true", help="memory-saving sliced attention (slower)")
+    group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+
+
+def add_model_saving_arguments(parser: argparse.ArgumentParser, script: str) -> None:
+    choices, default = SAVE_MODEL_AS[script]
+    group = parser.add_argument_group("saving")
+    group.add_argument(
+        "--save_model_as",
+        type=str,
+        default=default,
+        choices=choices,
+        help=f"format of saved models (default: {default or 'same as the base model'})",
+    )
+    group.add_argument(
+        "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of saved weights"
+    )
+    if script in ("train_db", "fine_tune"):
+        group.add_argument(
+            "--use_safetensors", action="store_true", help="save as .safetensors when --save_model_as is not given"
+        )
+
+
+def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration file")
+    group.add_argument(
+        "--config_file", type=str, default=None, help="TOML file of options (keys = option names); the command line wins"
+    )
+    group.add_argument(
+        "--output_config", action="store_true", help="write the given options to --config_file's path and exit"
+    )
+
+
+def build_parser(script: str) -> argparse.ArgumentParser:
+    """The parser of one recipe, with the option groups built so far."""
+    parser = argparse.ArgumentParser(prog=f"{script}.py", description=SCRIPT_DESCRIPTIONS[script])
+    add_model_arguments(parser)
+    add_text_encoding_arguments(parser, weighted_captions=script != "train_textual_inversion")
+    add_attention_arguments(parser)
+    add_model_saving_arguments(parser, script)
+    add_config_file_arguments(parser)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse argv, filling options from `--config_file` (command line > file > defaults)."""
+    args = parser.parse_args(argv)
+    if args.config_file and not args.output_config:
+        args = apply_config_file(parser, args, argv)
+    return args
+
+
+def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
+    """Flatten the TOML tables, check every key is a known option, and let the command line win."""
+    import toml
+
+    path = Path(args.config_file)
+    if not path.suffix:
+        path = path.with_suffix(".toml")
+    if not path.is_file():
+        parser.error(f"--config_file {path}: file not found")
+    try:
+        table = toml.load(path)
+    except toml.TomlDecodeError as err:
+        parser.error(f"--config_file {path}: not valid TOML ({err})")
+    values = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            values.update(value)
+        else:
+            values[key] = value
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        parser.error(f"--config_file {path}: unknown option(s) {', '.join(unknown)}")
+    # Parse again with file values as defaults so command-line values still take precedence
+    # and argparse applies its type conversions and choice checks to both.
+    parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """`--output_config`: save the options that differ from their defaults to `--config_file` (never overwrite)."""
+    import toml
+
+    if not args.config_file:
+        parser.error("--output_config needs --config_file PATH to write to")
+    path = Path(args.config_file)
+    if not path.suffix:
+        path = path.with_suffix(".toml")
+    if path.exists():
+        parser.error(f"--output_config: {path} already exists; choose another --config_file")
+    skip = {"config_file", "output_config", "wandb_api_key", "help"}
+    values = {
+        a.dest: getattr(args, a.dest)
+        for a in parser._actions
+        if a.dest not in skip and getattr(args, a.dest, None) not in (None, a.default)
+    }
+    path.write_text(toml.dumps(values), encoding="utf-8")
+    return path

@@ -1,0 +1,15 @@
+"""Which exceptions are the user's to fix (reported as one line) rather than bugs (reported with a traceback)."""
+
+from __future__ import annotations
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from library.models.attention import AttentionBackendError
+    from library.models.checkpoint_io import UnsafeCheckpointError
+    from library.models.loading import ModelLoadError
+
+    return (ModelLoadError, UnsafeCheckpointError, AttentionBackendError, FileNotFoundError)
+
+
+def is_user_error(err: BaseException) -> bool:
+    return isinstance(err, user_error_types())

@@ -1,0 +1,68 @@
+"""Attention backends for the U-Net and VAE: PyTorch SDPA (default), xformers, or sliced attention."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here; the message names what is missing."""
+
+
+def check_xformers_usable() -> None:
+    """Raise AttentionBackendError unless both the xformers package and a CUDA GPU are present."""
+    import torch
+
+    missing = []
+    if importlib.util.find_spec("xformers") is None:
+        missing.append("the xformers package is not installed (pip install xformers, matching your torch and CUDA)")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is available (xformers only runs on CUDA)")
+    if missing:
+        raise AttentionBackendError(
+            "--xformers cannot be used: "
+            + "; ".join(missing)
+            + ". Leave out --xformers to use PyTorch's scaled-dot-product attention (the default, "
+            "memory-efficient on GPUs), or use --mem_eff_attn."
+        )
+
+
+def attention_backend_name(xformers: bool = False, mem_eff_attn: bool = False) -> str:
+    if xformers:
+        return "xformers"
+    if mem_eff_attn:
+        return "sliced"
+    return "sdpa"
+
+
+def set_attention_backend(*models, xformers: bool = False, mem_eff_attn: bool = False) -> str:
+    """Switch every attention layer of the given diffusers models; returns the backend name.
+
+    - default: torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA);
+    - `--xformers`: xformers' memory_efficient_attention (CUDA only; a clear error otherwise);
+    - `--mem_eff_attn`: attention computed in slices of heads, which lowers peak memory
+      on any device at some speed cost.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    backend = attention_backend_name(xformers, mem_eff_attn)
+    if backend == "xformers":
+        check_xformers_usable()
+    for model in models:
+        if model is None:
+            continue
+        if backend == "xformers":
+            model.enable_xformers_memory_efficient_attention()
+        elif backend == "sliced" and hasattr(model, "set_attention_slice"):
+            # "auto" halves the heads per slice; models with single-head layers need "max" (1 head).
+            try:
+                model.set_attention_slice("auto")
+            except ValueError:
+                model.set_attention_slice("max")
+        else:
+            model.set_attn_processor(AttnProcessor2_0())
+    logger.info("attention backend: %s", backend)
+    return backend

@@ -1,0 +1,127 @@
+"""Reading and writing single-file state dicts (.safetensors and .ckpt/.pt) safely.
+
+`.ckpt` files are pickles; a pickle can run arbitrary code when loaded. We only ever
+load them with `torch.load(weights_only=True)`, which refuses anything but tensors and
+plain containers, and we never fall back to an unsafe load.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.fileio import atomic_path
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A pickle checkpoint that asks to build objects other than tensors (it could execute code)."""
+
+
+def _lightning_checkpoint_stub() -> type:
+    # Old SD .ckpt files pickle a PyTorch Lightning callback object next to the weights.
+    # It holds no code we need; allowing this inert stub under that name lets
+    # weights_only loading read those files without importing Lightning.
+    stub = type("ModelCheckpoint", (), {"__setstate__": lambda self, state: None})
+    stub.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+    return stub
+
+
+def read_pickle_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load with weights_only=True; a refused pickle raises UnsafeCheckpointError."""
+    path = str(path)
+    try:
+        with torch.serialization.safe_globals([_lightning_checkpoint_stub()]):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("\n")[0:3]
+        raise UnsafeCheckpointError(
+            f"Refusing to load {path}: it is a pickle that asks to create objects other than tensors, "
+            "which could run code on this machine, so it was not loaded (nothing in it was executed). "
+            f"Loader said: {' '.join(r.strip() for r in reason if r.strip())}. "
+            "If you trust the file, convert it to .safetensors with a tool you trust, or ask its author for a "
+            ".safetensors version."
+        ) from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file checkpoint, unwrapping the LDM `state_dict` level of .ckpt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    data = read_pickle_checkpoint(path)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not contain a state dict (found {type(data).__name__})")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def read_checkpoint_counters(path: str | os.PathLike) -> tuple[int, int]:
+    """(epoch, global_step) stored in an LDM .ckpt, 0s for safetensors or when absent."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return 0, 0
+    data = read_pickle_checkpoint(path)
+    if not isinstance(data, dict):
+        return 0, 0
+    return int(data.get("epoch", 0) or 0), int(data.get("global_step", 0) or 0)
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def write_state_dict(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    ckpt_extra: dict[str, Any] | None = None,
+) -> None:
+    """Atomically write tensors as .safetensors (with metadata) or as an LDM-style pickle.
+
+    Pickle files are `{"state_dict": ..., **ckpt_extra}` (LDM layout) when `ckpt_extra`
+    is given, else the plain dict of tensors.
+    """
+    path = Path(path)
+    tensors = _unshared_cpu_tensors(state_dict)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata=metadata)
+        else:
+            payload = tensors if ckpt_extra is None else {"state_dict": tensors, **ckpt_extra}
+            torch.save(payload, str(tmp))
+
+
+def _unshared_cpu_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, cloning any that share storage (safetensors refuses shared memory)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in state_dict.items():
+        tensor = value.detach().to("cpu").contiguous()
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and (ident in seen or tensor.untyped_storage().nbytes() != tensor.nbytes):
+            tensor = tensor.clone()
+        seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
+        out[key] = tensor
+    return out

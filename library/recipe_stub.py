@@ -1,0 +1,57 @@
+"""What a recipe script does until its training loop exists: parse and check options, load the base model, say what is missing."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from library.args import build_parser, parse_args, write_config_file
+
+NOT_BUILT = (
+    "{script}.py: training is not built yet in this version. Built so far: option parsing and --config_file, "
+    "base-model loading (--pretrained_model_name_or_path, --v2, --v_parameterization, --vae), text encoding "
+    "options, attention backends, model saving options. Coming next: the dataset pipeline and the training loop."
+)
+
+
+def run(script: str, argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = build_parser(script)
+    args = parse_args(parser, argv)
+    if args.output_config:
+        print(f"wrote {write_config_file(parser, args)}")
+        return 0
+    try:
+        if args.xformers:
+            from library.models.attention import check_xformers_usable
+
+            check_xformers_usable()
+        if args.pretrained_model_name_or_path:
+            _describe_base_model(args)
+    except Exception as err:  # noqa: BLE001 - every failure here is reported as one clear line
+        from library.errors import is_user_error
+
+        if not is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(NOT_BUILT.format(script=script), file=sys.stderr)
+    return 2
+
+
+def _describe_base_model(args) -> None:
+    from library.models.loading import load_base_model
+
+    parts = load_base_model(
+        args.pretrained_model_name_or_path,
+        v2=args.v2,
+        v_parameterization=args.v_parameterization,
+        vae=args.vae,
+        tokenizer_cache_dir=args.tokenizer_cache_dir,
+    )
+    counts = {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in (("U-Net", parts.unet), ("VAE", parts.vae), ("text encoder", parts.text_encoder))
+    }
+    summary = ", ".join(f"{name} {n / 1e6:.1f}M parameters" for name, n in counts.items())
+    print(f"loaded {parts.source} ({parts.source_format}, SD{'2' if parts.v2 else '1'}): {summary}")

@@ -1,0 +1,8 @@
+"""Textual Inversion: learn new token embeddings for Stable Diffusion 1.x/2.x."""
+
+import sys
+
+from library.recipe_stub import run
+
+if __name__ == "__main__":
+    sys.exit(run("train_textual_inversion"))
