@@ -45,14 +45,20 @@ def read_pickle_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("\n")[0:3]
         raise UnsafeCheckpointError(
             f"Refusing to load {path}: it is a pickle that asks to create objects other than tensors, "
             "which could run code on this machine, so it was not loaded (nothing in it was executed). "
-            f"Loader said: {' '.join(r.strip() for r in reason if r.strip())}. "
+            f"Loader said: {_refusal_reason(err)} "
             "If you trust the file, convert it to .safetensors with a tool you trust, or ask its author for a "
             ".safetensors version."
         ) from None
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The line of torch's refusal that names the forbidden global (skipping its 'retry unsafely' advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or ["unsupported content"])[0]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
