@@ -57,12 +57,17 @@ def set_attention_backend(*models, xformers: bool = False, mem_eff_attn: bool = 
         if backend == "xformers":
             model.enable_xformers_memory_efficient_attention()
         elif backend == "sliced" and hasattr(model, "set_attention_slice"):
-            # "auto" halves the heads per slice; models with single-head layers need "max" (1 head).
-            try:
-                model.set_attention_slice("auto")
-            except ValueError:
-                model.set_attention_slice("max")
+            model.set_attention_slice(_half_head_slices(model))
         else:
             model.set_attn_processor(AttnProcessor2_0())
     logger.info("attention backend: %s", backend)
     return backend
+
+
+def _half_head_slices(model) -> list[int]:
+    """Half of each attention layer's heads per slice (at least one), in diffusers' layer order.
+
+    diffusers' own "auto" gives 0 for single-head layers, which then fails at run time.
+    """
+    dims = [m.sliceable_head_dim for m in model.modules() if hasattr(m, "sliceable_head_dim")]
+    return [max(1, d // 2) for d in dims]

@@ -76,7 +76,9 @@ def load_vae_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
 def _materialize(module: torch.nn.Module, state_dict: dict, dtype: torch.dtype) -> torch.nn.Module:
     module.load_state_dict(state_dict, strict=True, assign=True)
-    return module.to(dtype).eval()
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    return module.eval()
 
 
 def _unet_from_ldm(unet_sd: dict, v2: bool, v_parameterization: bool, dtype: torch.dtype):
