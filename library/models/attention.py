@@ -21,6 +21,13 @@ def check_xformers_usable() -> None:
         missing.append("the xformers package is not installed (pip install xformers, matching your torch and CUDA)")
     if not torch.cuda.is_available():
         missing.append("no CUDA GPU is available (xformers only runs on CUDA)")
+    if not missing:
+        probe_error = _xformers_probe_error()
+        if probe_error:
+            missing.append(
+                f"xformers {_xformers_version()} is installed but cannot run on this GPU ({probe_error}); "
+                f"install the xformers build made for torch {torch.__version__}"
+            )
     if missing:
         raise AttentionBackendError(
             "--xformers cannot be used: "
@@ -28,6 +35,35 @@ def check_xformers_usable() -> None:
             + ". Leave out --xformers to use PyTorch's scaled-dot-product attention (the default, "
             "memory-efficient on GPUs), or use --mem_eff_attn."
         )
+
+
+def _xformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xformers")
+    except PackageNotFoundError:
+        return "?"
+
+
+def _xformers_probe_error() -> str | None:
+    """Run one tiny attention through xformers; the first line of its complaint, or None if it works.
+
+    An xformers wheel built without CUDA kernels (or for another torch) imports fine and only
+    fails at the first call, deep inside training; we find out before anything loads.
+    """
+    import torch
+
+    try:
+        import xformers.ops
+
+        q = torch.zeros(1, 2, 1, 40, device="cuda", dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable", reported verbatim
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reasons = [line for line in lines if "build" in line or "not supported" in line]
+        return (reasons or lines or [type(err).__name__])[0]
+    return None
 
 
 def attention_backend_name(xformers: bool = False, mem_eff_attn: bool = False) -> str:
