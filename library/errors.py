@@ -5,11 +5,16 @@ from __future__ import annotations
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     from library.data.captions import CaptionFileError
+    from library.data.images import ImageReadError
+    from library.data.latent_cache import LatentCacheError
     from library.models.attention import AttentionBackendError
     from library.models.checkpoint_io import UnsafeCheckpointError
     from library.models.loading import ModelLoadError
 
-    return (ModelLoadError, UnsafeCheckpointError, AttentionBackendError, CaptionFileError, FileNotFoundError)
+    return (
+        ModelLoadError, UnsafeCheckpointError, AttentionBackendError,
+        CaptionFileError, ImageReadError, LatentCacheError, FileNotFoundError,
+    )
 
 
 def is_user_error(err: BaseException) -> bool:
