@@ -103,7 +103,10 @@ def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser(script: str) -> argparse.ArgumentParser:
     """The parser of one recipe, with the option groups built so far."""
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=SCRIPT_DESCRIPTIONS[script])
+    from library.data.dataset_args import add_dataset_arguments
+
     add_model_arguments(parser)
+    add_dataset_arguments(parser, script)
     add_text_encoding_arguments(parser, weighted_captions=script != "train_textual_inversion")
     add_attention_arguments(parser)
     add_model_saving_arguments(parser, script)
