@@ -6,6 +6,7 @@ from __future__ import annotations
 def user_error_types() -> tuple[type[BaseException], ...]:
     from library.data.captions import CaptionFileError
     from library.data.config_schema import DatasetConfigError
+    from library.data.dataset_scan import UnreadableImagesError
     from library.data.images import ImageReadError
     from library.data.latent_cache import LatentCacheError
     from library.models.attention import AttentionBackendError
@@ -14,7 +15,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     return (
         ModelLoadError, UnsafeCheckpointError, AttentionBackendError,
-        CaptionFileError, DatasetConfigError, ImageReadError, LatentCacheError, FileNotFoundError,
+        CaptionFileError, DatasetConfigError, ImageReadError, LatentCacheError,
+        UnreadableImagesError, FileNotFoundError,
     )
 
 

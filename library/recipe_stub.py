@@ -9,8 +9,9 @@ from library.args import build_parser, parse_args, write_config_file
 
 NOT_BUILT = (
     "{script}.py: training is not built yet in this version. Built so far: option parsing and --config_file, "
-    "base-model loading (--pretrained_model_name_or_path, --v2, --v_parameterization, --vae), text encoding "
-    "options, attention backends, model saving options. Coming next: the dataset pipeline and the training loop."
+    "base-model loading (--pretrained_model_name_or_path, --v2, --v_parameterization, --vae), the dataset "
+    "pipeline (--dataset_config or folders, buckets, --debug_dataset), text encoding options, attention backends, "
+    "model saving options. Coming next: the training loop."
 )
 
 
@@ -26,6 +27,18 @@ def run(script: str, argv: list[str] | None = None) -> int:
             from library.models.attention import check_xformers_usable
 
             check_xformers_usable()
+        from library.data.pipeline import prepare_datasets, wants_datasets
+
+        if wants_datasets(args):
+            group = prepare_datasets(args, script)
+            if args.debug_dataset:
+                from library.data.preview import run_debug_dataset
+
+                run_debug_dataset(group, None)
+                return 0
+        elif args.debug_dataset:
+            print("error: --debug_dataset needs a dataset (--dataset_config or --train_data_dir)", file=sys.stderr)
+            return 1
         if args.pretrained_model_name_or_path:
             _describe_base_model(args)
     except Exception as err:  # noqa: BLE001 - every failure here is reported as one clear line

@@ -1,0 +1,111 @@
+"""Dataset start-up cost at 1k / 10k / 100k small images: scan, captions, sizes, buckets, epoch plan.
+
+    .venv/bin/python bench/bench_dataset_startup.py [--counts 1000 10000 100000] [--work DIR]
+
+Images (8x8 .. 64x48 PNGs of varied aspect ratios, each with a .txt caption) are written once into
+DIR/<count>/ by a process pool and reused by later runs. Every stage is timed on its own, then the
+whole ``build_dataset_group(check_readable=False)``, then the readability check separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from library.data.config import DatasetBlueprint, SubsetBlueprint  # noqa: E402
+from library.data.dataset_scan import _folder_names, parallel_map, read_sizes  # noqa: E402
+from library.data.datasets import assign_dataset_buckets, build_dataset_group  # noqa: E402
+from library.data.captions import read_caption_file  # noqa: E402
+from library.data.images import check_images_readable  # noqa: E402
+
+SIZES = [(8, 8), (16, 8), (8, 16), (32, 24), (24, 32), (64, 48), (48, 64), (40, 40), (64, 16), (16, 64)]
+STAGES = ["scan", "captions", "sizes", "buckets", "plan", "build (no check)", "readable check"]
+
+
+def _write_range(folder: str, start: int, stop: int) -> None:
+    for i in range(start, stop):
+        w, h = SIZES[i % len(SIZES)]
+        pixels = np.full((h, w, 3), (i * 7) % 256, dtype=np.uint8)
+        ok, data = cv2.imencode(".png", pixels)
+        assert ok
+        with open(os.path.join(folder, f"{i:06d}.png"), "wb") as file:
+            file.write(data.tobytes())
+        with open(os.path.join(folder, f"{i:06d}.txt"), "w", encoding="utf-8") as file:
+            file.write(f"tag{i % 50}, shape{i % len(SIZES)}, bench\n")
+
+
+def ensure_images(work: Path, count: int) -> Path:
+    folder = work / str(count)
+    marker = folder / ".complete"
+    if marker.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    step = 2000
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_write_range, [str(folder)] * len(range(0, count, step)),
+                      range(0, count, step), [min(s + step, count) for s in range(0, count, step)]))
+    marker.write_text("ok")
+    return folder
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+def bench(folder: Path) -> dict[str, float]:
+    subset = SubsetBlueprint(image_dir=str(folder), caption_extension=".txt", num_repeats=2)
+    blueprint = DatasetBlueprint(kind="dreambooth", resolution=(512, 512), batch_size=4, enable_bucket=True,
+                                 subsets=(subset,))
+    times = {}
+    times["scan"], (names, _) = timed(lambda: _folder_names(str(folder)))
+    captions = [str(folder / (n[:-4] + ".txt")) for n in names]
+    times["captions"], _ = timed(lambda: parallel_map(lambda p: read_caption_file(p, False), captions))
+    paths = [str(folder / n) for n in names]
+    times["sizes"], sizes = timed(lambda: read_sizes(paths))
+    array = np.asarray(sizes, dtype=np.int64)
+    times["buckets"], _ = timed(lambda: assign_dataset_buckets(blueprint, array))
+    times["build (no check)"], group = timed(lambda: build_dataset_group([blueprint], check_readable=False))
+    times["plan"], _ = timed(lambda: group.batches_for_epoch(1))
+    times["readable check"], _ = timed(lambda: check_images_readable(paths))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "dataset_images")
+    args = parser.parse_args()
+    results = {}
+    for count in args.counts:
+        seconds, folder = timed(lambda: ensure_images(args.work, count))
+        print(f"{count} images ready in {seconds:.1f}s ({folder})", flush=True)
+        results[count] = bench(folder)
+    print(f"\nCPU cores: {os.cpu_count()}; repeats 2, batch 4, 512x512 buckets; seconds (µs per image)")
+    header = f"{'stage':<18}" + "".join(f"{c:>22}" for c in results)
+    counts = list(results)
+    ratios = list(zip(counts, counts[1:]))
+    header += "".join(f"{f'{b}/{a}':>14}" for a, b in ratios)
+    print(header)
+    for stage in STAGES:
+        row = f"{stage:<18}"
+        for count, times in results.items():
+            row += f"{times[stage]:>10.3f}s ({times[stage] / count * 1e6:>6.1f}µs)"
+        for a, b in ratios:
+            row += f"{results[b][stage] / max(results[a][stage], 1e-9):>14.1f}"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

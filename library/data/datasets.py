@@ -1,0 +1,539 @@
+"""Blueprints -> datasets -> batches (dataset-config.md §6-§9).
+
+``build_dataset_group`` scans every subset, checks that every image decodes (one error listing them
+all), balances regularization images, assigns buckets, and returns a ``DatasetGroup``. The group plans
+the batches of an epoch deterministically from (seed, epoch) and loads any batch on its own, seeded by
+its position, so a resumed run (``start_batch``) sees the same batches, captions and augmentations.
+
+Per dataset the images live in parallel arrays (paths, captions, sizes, buckets, repeats) rather than
+one object per image, which keeps 100k-image datasets cheap to build and to send to loader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from library.data.buckets import assign_buckets, format_bucket_table, make_bucket_resolutions, no_upscale_buckets
+from library.data.captions import CaptionSettings, count_tags, process_caption, resolve_token_warmup_step
+from library.data.config import DatasetBlueprint, SubsetBlueprint
+from library.data.dataset_scan import ImageRecord, ScanReport, UnreadableImagesError, scan_subset
+from library.data.images import (
+    center_crop_left_top,
+    color_augment,
+    check_images_readable,
+    flip_horizontal,
+    load_image_with_alpha,
+    random_crop_left_top,
+    resize_and_crop,
+    to_tensor,
+)
+from library.data.latent_cache import (
+    LATENT_CACHE_FORBIDS,
+    LATENT_CACHE_FORBIDS_REASON,
+    LatentCacheItem,
+    LatentCacheResult,
+    read_alpha_mask,
+    read_cache,
+)
+from library.data.sample_plan import (
+    BatchPlan,
+    balance_regularization,
+    bucket_info_from_arrays,
+    count_batches,
+    epoch_generator,
+    plan_dataset_batches,
+    sample_generator,
+    sample_random,
+)
+
+__all__ = [
+    "BatchPlan",
+    "DatasetGroup",
+    "EpochBatches",
+    "ImageRecord",
+    "PreparedDataset",
+    "UnreadableImagesError",
+    "build_dataset_group",
+    "make_dataloader",
+    "scan_subset",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedDataset:
+    """One dataset after scanning, balancing and bucketing. Arrays are indexed by image (N rows)."""
+
+    blueprint: DatasetBlueprint
+    paths: list[str]
+    captions: list[str]
+    subset_ids: np.ndarray  # (N,) index into blueprint.subsets
+    sizes: np.ndarray  # (N, 2) original (w, h)
+    repeats: np.ndarray  # (N,) samples per epoch after reg balancing (0 = unused reg image)
+    loss_weights: np.ndarray  # (N,) prior_loss_weight for reg images, else 1.0
+    buckets: np.ndarray  # (N, 2) bucket (w, h)
+    resized_sizes: np.ndarray  # (N, 2) size before the crop
+    ar_errors: np.ndarray  # (N,)
+    bucket_ids: np.ndarray  # (N,) index into bucket_list
+    bucket_list: list[tuple[int, int]]
+    bucket_info: dict
+    caption_settings: tuple[CaptionSettings, ...]  # per subset
+    num_train_images: int  # T, with repeats
+    num_reg_images: int  # R, with repeats, before balancing
+    reg_report: str
+
+    @property
+    def bucket_table(self) -> str:
+        return format_bucket_table(self.bucket_info)
+
+
+# ---------------------------------------------------------------- building
+
+
+def caption_settings_for(subset: SubsetBlueprint, max_train_steps: int | None) -> CaptionSettings:
+    warmup = subset.token_warmup_step or 0
+    if 0 < warmup < 1:
+        if max_train_steps is None:
+            raise ValueError(f"token_warmup_step={warmup} is a fraction of the training steps; pass max_train_steps")
+        warmup = resolve_token_warmup_step(warmup, max_train_steps)
+    return CaptionSettings(
+        shuffle_caption=subset.shuffle_caption,
+        caption_separator=subset.caption_separator or ",",
+        keep_tokens=subset.keep_tokens,
+        keep_tokens_separator=subset.keep_tokens_separator or "",
+        secondary_separator=subset.secondary_separator,
+        enable_wildcard=subset.enable_wildcard,
+        caption_prefix=subset.caption_prefix,
+        caption_suffix=subset.caption_suffix,
+        caption_dropout_rate=subset.caption_dropout_rate,
+        caption_dropout_every_n_epochs=subset.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=subset.caption_tag_dropout_rate,
+        token_warmup_min=subset.token_warmup_min,
+        token_warmup_step=int(warmup),
+    )
+
+
+def assign_dataset_buckets(blueprint: DatasetBlueprint, sizes: np.ndarray):
+    """(assignments, predefined bucket set or None) for the dataset's bucketing mode (§9)."""
+    width, height = blueprint.resolution
+    if not blueprint.enable_bucket:
+        return assign_buckets(sizes, [(width, height)]), [(width, height)]
+    if blueprint.bucket_no_upscale:
+        return no_upscale_buckets(sizes, width * height, blueprint.bucket_reso_steps), None
+    bucket_set = make_bucket_resolutions(
+        (width, height), blueprint.min_bucket_reso, blueprint.max_bucket_reso, blueprint.bucket_reso_steps
+    )
+    return assign_buckets(sizes, bucket_set), bucket_set
+
+
+def prepare_dataset(
+    blueprint: DatasetBlueprint,
+    records_per_subset: Sequence[list[ImageRecord]],
+    prior_loss_weight: float,
+    max_train_steps: int | None = None,
+) -> PreparedDataset:
+    """Arrays, repeats, reg balance and buckets of one dataset from its scanned records."""
+    paths, captions, widths, heights, subset_ids, repeats, is_reg = [], [], [], [], [], [], []
+    for index, (subset, records) in enumerate(zip(blueprint.subsets, records_per_subset)):
+        if not records:
+            continue
+        columns = list(zip(*records))
+        paths += columns[0]
+        captions += columns[1]
+        widths += columns[2]
+        heights += columns[3]
+        count = len(records)
+        subset_ids.append(np.full(count, index, dtype=np.int64))
+        repeats.append(np.full(count, subset.num_repeats, dtype=np.int64))
+        is_reg.append(np.full(count, subset.is_reg, dtype=bool))
+    subset_ids = np.concatenate(subset_ids) if subset_ids else np.zeros(0, dtype=np.int64)
+    repeats = np.concatenate(repeats) if repeats else np.zeros(0, dtype=np.int64)
+    is_reg = np.concatenate(is_reg) if is_reg else np.zeros(0, dtype=bool)
+    sizes = np.stack([np.asarray(widths, dtype=np.int64), np.asarray(heights, dtype=np.int64)], axis=1)
+
+    num_train = int(repeats[~is_reg].sum())
+    num_reg = int(repeats[is_reg].sum())
+    reg_report = ""
+    if is_reg.any():
+        repeats[is_reg], reg_report = balance_regularization(repeats[is_reg], num_train)
+    loss_weights = np.where(is_reg, prior_loss_weight, 1.0).astype(np.float32)
+
+    assignments, bucket_set = assign_dataset_buckets(blueprint, sizes.reshape(-1, 2))
+    bucket_list, bucket_ids = (
+        np.unique(assignments.buckets, axis=0, return_inverse=True) if len(sizes) else (np.zeros((0, 2)), np.zeros(0))
+    )
+    info = bucket_info_from_arrays(assignments.buckets, repeats, assignments.ar_errors, bucket_set)
+    return PreparedDataset(
+        blueprint=blueprint,
+        paths=paths,
+        captions=captions,
+        subset_ids=subset_ids,
+        sizes=sizes.reshape(-1, 2),
+        repeats=repeats,
+        loss_weights=loss_weights,
+        buckets=assignments.buckets,
+        resized_sizes=assignments.resized_sizes,
+        ar_errors=assignments.ar_errors,
+        bucket_ids=np.asarray(bucket_ids, dtype=np.int64).reshape(-1),
+        bucket_list=[(int(w), int(h)) for w, h in bucket_list],
+        bucket_info=info,
+        caption_settings=tuple(caption_settings_for(s, max_train_steps) for s in blueprint.subsets),
+        num_train_images=num_train,
+        num_reg_images=num_reg,
+        reg_report=reg_report,
+    )
+
+
+def _drop_paths(records: list[ImageRecord], bad: set[str]) -> list[ImageRecord]:
+    return [record for record in records if record.path not in bad] if bad else records
+
+
+def build_dataset_group(
+    blueprints: Sequence[DatasetBlueprint],
+    *,
+    prior_loss_weight: float = 1.0,
+    seed: int = 0,
+    skip_unreadable: bool = False,
+    check_readable: bool = True,
+    max_train_steps: int | None = None,
+    workers: int | None = None,
+) -> "DatasetGroup":
+    """Scan, check, balance and bucket every dataset. Raises ``UnreadableImagesError`` listing every
+    unreadable image (unless ``skip_unreadable``) and every unusable caption file."""
+    report = ScanReport()
+    scanned = [[scan_subset(s, bp, report, workers) for s in bp.subsets] for bp in blueprints]
+    if check_readable:
+        paths = sorted({record.path for per_dataset in scanned for records in per_dataset for record in records})
+        report.unreadable += [(str(path), reason) for path, reason in check_images_readable(paths, workers)]
+    if report.caption_errors or (report.unreadable and not skip_unreadable):
+        raise UnreadableImagesError(report.unreadable, report.caption_errors)
+    if report.unreadable:
+        report.warnings.append(
+            f"--skip_unreadable_images: {len(report.unreadable)} unreadable image(s) left out: "
+            + "; ".join(f"{path} ({reason})" for path, reason in report.unreadable)
+        )
+    bad = {path for path, _ in report.unreadable}
+    datasets = [
+        prepare_dataset(bp, [_drop_paths(records, bad) for records in per_dataset], prior_loss_weight, max_train_steps)
+        for bp, per_dataset in zip(blueprints, scanned)
+    ]
+    for message in report.warnings:
+        logger.warning(message)
+    return DatasetGroup(datasets, seed, report.warnings)
+
+
+# ---------------------------------------------------------------- the group
+
+
+class DatasetGroup:
+    """All datasets of a run: counts, bucket tables, epoch batch plans and batch loading."""
+
+    def __init__(self, datasets: Sequence[PreparedDataset], seed: int = 0, warnings: Sequence[str] = ()) -> None:
+        self.datasets = list(datasets)
+        self.seed = seed
+        self.warnings = list(warnings)
+        self._latents: LatentCacheResult | None = None
+
+    # ---- counts and tables
+
+    @property
+    def num_train_images(self) -> int:
+        return sum(d.num_train_images for d in self.datasets)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(d.num_reg_images for d in self.datasets)
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        return sum(count_batches(d.bucket_ids, d.repeats, d.blueprint.batch_size) for d in self.datasets)
+
+    def summary(self) -> str:
+        """Per dataset: counts, the reg-balancing report and the bucket table (printed before training)."""
+        parts = []
+        for i, d in enumerate(self.datasets):
+            parts.append(
+                f"dataset {i} ({d.blueprint.kind}): {d.num_train_images} training samples/epoch, "
+                f"{d.num_reg_images} reg samples, batch size {d.blueprint.batch_size}"
+            )
+            if d.reg_report:
+                parts.append(d.reg_report)
+            parts.append(d.bucket_table)
+        return "\n".join(parts)
+
+    # ---- plans
+
+    def batches_for_epoch(self, epoch: int) -> list[BatchPlan]:
+        """Every batch of an epoch, in training order: same (seed, epoch) -> same list."""
+        rng = epoch_generator(self.seed, epoch)
+        batches = []
+        for index, d in enumerate(self.datasets):
+            for bucket_id, images in plan_dataset_batches(d.bucket_ids, d.repeats, d.blueprint.batch_size, rng):
+                batches.append((index, d.bucket_list[bucket_id], images))
+        order = rng.permutation(len(batches))
+        return [BatchPlan(*batches[i], position) for position, i in enumerate(order)]
+
+    # ---- latents
+
+    def cache_items(self) -> list[LatentCacheItem]:
+        """One item per image (duplicates across subsets/datasets removed by the cache itself)."""
+        items = []
+        for d in self.datasets:
+            for i in np.flatnonzero(d.repeats > 0):
+                items.append(
+                    LatentCacheItem(
+                        image_path=Path(d.paths[i]),
+                        bucket=tuple(d.buckets[i]),
+                        resized_size=tuple(d.resized_sizes[i]),
+                        original_size=tuple(d.sizes[i]),
+                        interpolation=self._interpolation(d, int(d.subset_ids[i])),
+                    )
+                )
+        return items
+
+    def set_latents(self, result: LatentCacheResult) -> None:
+        """Serve cached latents instead of pixels from now on."""
+        forbidden = [
+            f"{s.image_dir}: {name}"
+            for d in self.datasets
+            for s in d.blueprint.subsets
+            for name in LATENT_CACHE_FORBIDS
+            if getattr(s, name)
+        ]
+        if forbidden:
+            raise ValueError(f"{LATENT_CACHE_FORBIDS_REASON} ({'; '.join(forbidden)})")
+        known = set(result.latents) | set(result.npz_paths)
+        missing = [p for item in self.cache_items() if (p := item.image_path) not in known]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) have no cached latents, e.g. {missing[0]}")
+        self._latents = result
+
+    # ---- loading
+
+    @staticmethod
+    def _interpolation(d: PreparedDataset, subset_id: int) -> str:
+        return d.blueprint.subsets[subset_id].resize_interpolation or d.blueprint.resize_interpolation or "auto"
+
+    def load_batch(self, plan: BatchPlan, epoch: int, step: int = 0) -> dict:
+        """Pixels (or latents), processed captions and loss weights of one planned batch."""
+        d = self.datasets[plan.dataset]
+        captions, flips, pixels, masks = [], [], [], []
+        with_masks = any(s.alpha_mask for s in d.blueprint.subsets)
+        for index, image in enumerate(int(i) for i in plan.images):
+            subset_id = int(d.subset_ids[image])
+            subset = d.blueprint.subsets[subset_id]
+            rng = sample_random(self.seed, epoch, plan.position, step, index)
+            captions.append(process_caption(d.captions[image], d.caption_settings[subset_id], rng, epoch=epoch, step=step))
+            generator = sample_generator(self.seed, epoch, plan.position, index)
+            flip = bool(subset.flip_aug and generator.random() < 0.5)
+            flips.append(flip)
+            if self._latents is None:
+                picture, mask = self._load_pixels(d, image, subset, generator, flip)
+                pixels.append(picture)
+                masks.append(mask)
+        batch = {
+            "captions": captions,
+            "loss_weights": torch.from_numpy(d.loss_weights[plan.images].astype(np.float32)),
+            "image_paths": [d.paths[int(i)] for i in plan.images],
+            "bucket": plan.bucket,
+            "network_multiplier": d.blueprint.network_multiplier,
+            "flipped": flips,
+        }
+        if self._latents is None:
+            batch["images"] = torch.stack(pixels)
+            if with_masks:
+                batch["alpha_masks"] = torch.stack(masks)
+        else:
+            batch["latents"], mask_list = self._load_latents(d, plan.images, flips)
+            if with_masks:
+                batch["alpha_masks"] = torch.stack(mask_list)
+        return batch
+
+    def _load_pixels(
+        self, d: PreparedDataset, image: int, subset: SubsetBlueprint, generator: np.random.Generator, flip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bucket = (int(d.buckets[image, 0]), int(d.buckets[image, 1]))
+        resized = (int(d.resized_sizes[image, 0]), int(d.resized_sizes[image, 1]))
+        rgb, alpha = load_image_with_alpha(d.paths[image], max_side=max(resized))
+        if subset.random_crop:
+            crop = random_crop_left_top(resized, bucket, generator)
+        else:
+            crop = center_crop_left_top(resized, bucket)
+        interpolation = self._interpolation(d, int(d.subset_ids[image]))
+        rgb = resize_and_crop(rgb, resized, bucket, crop, interpolation)
+        if subset.color_aug:
+            rgb = color_augment(rgb, generator)
+        mask = None
+        if subset.alpha_mask:
+            if alpha is None:
+                mask = torch.ones(bucket[1], bucket[0])
+            else:
+                alpha = resize_and_crop(alpha, resized, bucket, crop, interpolation)
+                mask = torch.from_numpy((flip_horizontal(alpha) if flip else alpha).astype(np.float32) / 255.0)
+        elif any(s.alpha_mask for s in d.blueprint.subsets):
+            mask = torch.ones(bucket[1], bucket[0])
+        if flip:
+            rgb = flip_horizontal(rgb)
+        return to_tensor(rgb), mask
+
+    def _load_latents(
+        self, d: PreparedDataset, images: np.ndarray, flips: list[bool]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        result = self._latents
+        latents, masks = [], []
+        for image, flip in zip((int(i) for i in images), flips):
+            path = Path(d.paths[image])
+            if path in result.latents:
+                source = result.latents_flipped if flip else result.latents
+                latents.append(source[path])
+                mask = result.alpha_masks.get(path)
+            else:
+                latents.append(read_cache(result.npz_paths[path], flipped=flip))
+                mask = read_alpha_mask(result.npz_paths[path])
+            if mask is None:
+                bucket = d.buckets[image]
+                mask = torch.ones(int(bucket[1]), int(bucket[0]))
+            masks.append(torch.flip(mask, dims=[-1]) if flip else mask)
+        return torch.stack(latents), masks
+
+    # ---- metadata (formats.md §2.2)
+
+    def metadata(self) -> dict:
+        """Dataset description pieces: ss_datasets-style list, tag frequency, dataset dirs, bucket info."""
+        datasets, tag_frequency, dirs = [], {}, {}
+        for d in self.datasets:
+            tags_by_source = self._tag_frequency(d)
+            for name, counts in tags_by_source.items():
+                tag_frequency.setdefault(name, counts)  # first occurrence of a dir wins
+            datasets.append(self._dataset_description(d, tags_by_source))
+            for i, s in enumerate(d.blueprint.subsets):
+                if s.is_reg or not s.image_dir:
+                    continue
+                name = base = os.path.basename(os.path.normpath(s.image_dir))
+                suffix = 2
+                while name in dirs:
+                    name, suffix = f"{base} ({suffix})", suffix + 1
+                dirs[name] = {"n_repeats": s.num_repeats, "img_count": int(np.count_nonzero(d.subset_ids == i))}
+        return {
+            "ss_datasets": datasets,
+            "ss_tag_frequency": tag_frequency,
+            "ss_dataset_dirs": dirs,
+            "ss_bucket_info": self.datasets[0].bucket_info if len(self.datasets) == 1 else None,
+        }
+
+    @staticmethod
+    def _tag_frequency(d: PreparedDataset) -> dict[str, dict[str, int]]:
+        result = {}
+        for i, s in enumerate(d.blueprint.subsets):
+            source = s.metadata_file or s.image_dir or ""
+            name = os.path.basename(os.path.normpath(source)) if source else ""
+            captions = (d.captions[j] for j in np.flatnonzero(d.subset_ids == i))
+            counts = result.setdefault(name, {})
+            for tag, n in count_tags(captions).items():
+                counts[tag] = counts.get(tag, 0) + n
+        return result
+
+    @staticmethod
+    def _dataset_description(d: PreparedDataset, tags: dict) -> dict:
+        bp = d.blueprint
+        subsets = []
+        for i, s in enumerate(bp.subsets):
+            entry = {
+                "img_count": int(np.count_nonzero(d.subset_ids == i)),
+                "num_repeats": s.num_repeats,
+                "color_aug": s.color_aug,
+                "flip_aug": s.flip_aug,
+                "random_crop": s.random_crop,
+                "shuffle_caption": s.shuffle_caption,
+                "keep_tokens": s.keep_tokens,
+                "keep_tokens_separator": s.keep_tokens_separator,
+                "secondary_separator": s.secondary_separator,
+                "enable_wildcard": s.enable_wildcard,
+                "caption_prefix": s.caption_prefix,
+                "caption_suffix": s.caption_suffix,
+                "resize_interpolation": s.resize_interpolation,
+                "image_dir": os.path.basename(os.path.normpath(s.image_dir)) if s.image_dir else None,
+            }
+            if bp.kind == "fine_tuning":
+                entry["metadata_file"] = os.path.basename(s.metadata_file) if s.metadata_file else None
+            else:
+                entry["class_tokens"] = s.class_tokens
+                entry["is_reg"] = s.is_reg
+            subsets.append(entry)
+        return {
+            "is_dreambooth": bp.kind != "fine_tuning",
+            "batch_size_per_device": bp.batch_size,
+            "num_train_images": d.num_train_images,
+            "num_reg_images": d.num_reg_images,
+            "resolution": list(bp.resolution),
+            "enable_bucket": bp.enable_bucket,
+            "min_bucket_reso": bp.min_bucket_reso,
+            "max_bucket_reso": bp.max_bucket_reso,
+            "tag_frequency": tags,
+            "bucket_info": d.bucket_info,
+            "resize_interpolation": bp.resize_interpolation,
+            "subsets": subsets,
+        }
+
+
+# ---------------------------------------------------------------- torch loading
+
+
+class EpochBatches(Dataset):
+    """The prepared batches of one epoch from ``start_batch`` on; item i is batch ``start_batch + i``.
+
+    ``step`` given to caption processing (token warm-up) is ``first_step + (i // batches_per_step)``:
+    pass the global optimizer step at ``start_batch`` and the gradient-accumulation count.
+    """
+
+    def __init__(
+        self, group: DatasetGroup, epoch: int, start_batch: int = 0, first_step: int = 0, batches_per_step: int = 1
+    ) -> None:
+        self.group = group
+        self.epoch = epoch
+        self.plans = group.batches_for_epoch(epoch)[start_batch:]
+        self.first_step = first_step
+        self.batches_per_step = max(1, batches_per_step)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, index: int) -> dict:
+        step = self.first_step + index // self.batches_per_step
+        return self.group.load_batch(self.plans[index], self.epoch, step)
+
+
+def make_dataloader(
+    group: DatasetGroup,
+    epoch: int,
+    workers: int,
+    persistent: bool = False,
+    start_batch: int = 0,
+    first_step: int = 0,
+    batches_per_step: int = 1,
+) -> DataLoader:
+    """A loader yielding ready batches of one epoch in plan order (workers capped at the CPU count)."""
+    workers = max(0, min(workers, os.cpu_count() or 1))
+    dataset = EpochBatches(group, epoch, start_batch, first_step, batches_per_step)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=persistent and workers > 0,
+        collate_fn=_keep_batch,
+    )
+
+
+def _keep_batch(batch: dict) -> dict:
+    """Batches are already tensors and lists; leave them as they are."""
+    return batch
