@@ -58,6 +58,15 @@ def test_folder_to_file_to_folder_round_trip(tmp_path, tiny_models, loaded, name
     assert again.tokenizer(text).input_ids == loaded[name].tokenizer(text).input_ids
 
 
+def test_safetensors_checkpoint_carries_modelspec(tmp_path, loaded):
+    from library.models.checkpoint_io import read_safetensors_metadata
+
+    meta = read_safetensors_metadata(save_model(tmp_path / "m.safetensors", loaded["sd2"], "safetensors"))
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+
+
 def test_ckpt_round_trip_keeps_counters(tmp_path, loaded):
     from library.models.checkpoint_io import read_checkpoint_counters
 

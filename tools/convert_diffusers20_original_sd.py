@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.models.checkpoint_io import read_checkpoint_counters, read_state_dict
+from library.models.checkpoint_io import read_checkpoint
 from library.models.loading import SINGLE_FILE_SUFFIXES, load_base_model, resolve_model_location
 
 
@@ -65,9 +65,8 @@ def convert(args) -> Path:
     )
     target = Path(args.model_to_save)
     if target.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        epoch, step = read_checkpoint_counters(args.model_to_load) if source_is_file else (0, 0)
         # Keys we do not convert (EMA copies, buffers) are carried over from a single-file source.
-        source = read_state_dict(args.model_to_load) if source_is_file else None
+        source, epoch, step = read_checkpoint(args.model_to_load) if source_is_file else (None, 0, 0)
         fmt = "safetensors" if target.suffix.lower() == ".safetensors" else "ckpt"
         return save_model(
             target, parts, fmt, precision=save_precision(args),

@@ -61,32 +61,35 @@ def _refusal_reason(err: Exception) -> str:
     return (named or lines or ["unsupported content"])[0]
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file checkpoint, unwrapping the LDM `state_dict` level of .ckpt files."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(tensors, epoch, global_step) of a single-file checkpoint in one read.
+
+    The LDM `state_dict` level of .ckpt files is unwrapped; safetensors files carry no counters (0, 0).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path)), 0, 0
     data = read_pickle_checkpoint(path)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not contain a state dict (found {type(data).__name__})")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    epoch, step = int(data.get("epoch", 0) or 0), int(data.get("global_step", 0) or 0)
+    if isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, epoch, step
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file checkpoint."""
+    return read_checkpoint(path)[0]
 
 
 def read_checkpoint_counters(path: str | os.PathLike) -> tuple[int, int]:
     """(epoch, global_step) stored in an LDM .ckpt, 0s for safetensors or when absent."""
-    path = Path(path)
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return 0, 0
-    data = read_pickle_checkpoint(path)
-    if not isinstance(data, dict):
-        return 0, 0
-    return int(data.get("epoch", 0) or 0), int(data.get("global_step", 0) or 0)
+    return read_checkpoint(path)[1:]
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -13,6 +13,7 @@ import torch
 
 from library.fileio import atomic_path
 from library.models.checkpoint_io import write_state_dict
+from library.models.modelspec import build_modelspec
 from library.models.ldm_conversion import (
     clip_text_diffusers_to_ldm,
     join_ldm_state_dict,
@@ -115,6 +116,8 @@ def save_model(path: str | os.PathLike, parts, save_model_as: str, *, precision:
     if save_model_as.startswith("diffusers"):
         save_diffusers_folder(path, parts, precision=precision, safe_serialization=save_model_as == "diffusers_safetensors")
     else:
+        if single_file_kwargs.get("metadata") is None:
+            single_file_kwargs["metadata"] = build_modelspec(v2=parts.v2, v_parameterization=parts.v_parameterization)
         save_single_file(
             path, parts.unet, parts.vae, parts.text_encoder, v2=parts.v2, precision=precision, **single_file_kwargs
         )
