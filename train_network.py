@@ -1,8 +1,181 @@
-"""Train a LoRA / LoCon network for Stable Diffusion 1.x/2.x."""
+"""Train a LoRA / LoCon network for Stable Diffusion 1.x/2.x.
 
+The story of this recipe: the base model stays frozen; a network module (`--network_module`,
+networks.lora by default) wraps chosen Linear/Conv layers of the U-Net and the text encoder; only
+the network's weights train; the saved file holds the network alone, with sd-scripts' keys and
+ss_* metadata so every LoRA loader reads it. Everything else (data, noise, steps, saving cadence,
+resume) is the shared trainer's.
+
+    accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \\
+        --dataset_config data.toml --output_dir out --output_name mylora --network_dim 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
 import sys
+import time
+from pathlib import Path
 
-from library.recipe_stub import run
+import torch
+
+DEFAULT_NETWORK_MODULE = "networks.lora"
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NetworkRecipe:
+    script = "train_network"
+
+    def __init__(self) -> None:
+        self.network = None
+        self.suffix = "safetensors"
+        self._metadata: dict[str, str] | None = None
+
+    # ---- options
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        from library.training.network_args import add_network_arguments
+
+        add_network_arguments(parser)
+
+    @staticmethod
+    def option_problems(args: argparse.Namespace) -> list[str]:
+        from library.training.network_args import network_option_problems
+
+        problems = network_option_problems(args)
+        module = args.network_module or DEFAULT_NETWORK_MODULE
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            problems.append(f"--network_module {module}: cannot import it ({err})")
+        if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+            problems.append(
+                "--cache_text_encoder_outputs: the text encoder's LoRA trains in this run, so its outputs change "
+                "every step; add --network_train_unet_only or drop the option"
+            )
+        if args.network_weights and not Path(args.network_weights).is_file():
+            problems.append(f"--network_weights {args.network_weights}: file not found")
+        return problems
+
+    @staticmethod
+    def find_unused_parameters(args: argparse.Namespace) -> bool:
+        # module_dropout skips whole modules in some steps: DDP must not wait for their gradients.
+        return any(str(a).startswith("module_dropout=") for a in (args.network_args or []))
+
+    # ---- training
+
+    def attach(self, ctx):
+        from library.training.metadata import parse_network_kwargs
+        from library.training.trainer import Attached
+
+        args, parts = ctx.args, ctx.parts
+        if not args.network_module:
+            args.network_module = DEFAULT_NETWORK_MODULE  # recorded as such in the metadata
+            print(f"--network_module not given: using {DEFAULT_NETWORK_MODULE}")
+        module = importlib.import_module(args.network_module)
+        kwargs = parse_network_kwargs(args.network_args)
+        if args.dim_from_weights:
+            network = module.create_network_from_weights(
+                1.0, args.network_weights, parts.vae, parts.text_encoder, parts.unet, **kwargs
+            )
+            if isinstance(network, tuple):  # upstream returns (network, weights)
+                network = network[0]
+        else:
+            network = module.create_network(
+                1.0, args.network_dim, args.network_alpha, parts.vae, parts.text_encoder, parts.unet,
+                neuron_dropout=args.network_dropout, **kwargs,
+            )
+        train_unet = not args.network_train_text_encoder_only
+        train_text_encoder = not args.network_train_unet_only
+        network.apply_to(parts.text_encoder, parts.unet, train_text_encoder, train_unet)
+        if args.network_weights:
+            info = network.load_weights(args.network_weights)
+            if ctx.accelerator.is_main_process:
+                print(f"continuing from --network_weights {args.network_weights}: {info}")
+        if ctx.accelerator.is_main_process:
+            print(
+                f"network: {len(network.unet_loras)} U-Net module(s), {len(network.text_encoder_loras)} "
+                "text-encoder module(s)"
+            )
+        groups = network.prepare_optimizer_params(
+            _text_encoder_lr(args), args.unet_lr, args.learning_rate
+        )
+        self.network = network
+        self.suffix = args.save_model_as or "safetensors"
+        return Attached(
+            trained=network,
+            param_groups=groups,
+            text_encoder_trains=train_text_encoder and bool(network.text_encoder_loras),
+        )
+
+    def after_optimizer_step(self, ctx) -> None:
+        if ctx.args.scale_weight_norms:
+            self.network.apply_max_norm_regularization(ctx.args.scale_weight_norms, ctx.device)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.network.state_dict()
+
+    def load_trained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(state_dict)
+
+    # ---- saving
+
+    def output_path(self, folder: Path, name: str) -> Path:
+        return Path(folder) / f"{name}.{self.suffix}"
+
+    def save(self, folder: Path, name: str, ctx, progress) -> Path:
+        from library.training.metadata import finalize_metadata, minimal_metadata, network_modelspec
+
+        args = ctx.args
+        path = self.output_path(folder, name)
+        metadata = finalize_metadata(
+            self._training_metadata(ctx), epoch=progress.epoch, step=progress.global_step, finished_at=time.time()
+        )
+        if args.no_metadata:
+            metadata = minimal_metadata(metadata)
+        metadata.update(network_modelspec(args, timestamp=ctx.started_at))
+        dtype = SAVE_DTYPES.get(args.save_precision)
+        self.network.save_weights(str(path), dtype, metadata)
+        return path
+
+    def _training_metadata(self, ctx) -> dict[str, str]:
+        """Built once, at the first save: hashing the base model never delays the first step."""
+        if self._metadata is None:
+            from library.training.metadata import network_training_metadata
+
+            group, schedule = ctx.group, ctx.schedule
+            self._metadata = network_training_metadata(
+                ctx.args,
+                dataset_metadata=group.metadata(),
+                counts={
+                    "num_train_images": group.num_train_images,
+                    "num_reg_images": group.num_reg_images,
+                    "num_batches_per_epoch": group.num_batches_per_epoch,
+                    "num_epochs": schedule.num_epochs,
+                    "max_train_steps": schedule.max_train_steps,
+                    "optimizer": ctx.optimizer_description,
+                    "num_processes": ctx.accelerator.num_processes,
+                },
+                session_id=ctx.session_id,
+                started_at=ctx.started_at,
+                uses_dataset_config=bool(ctx.args.dataset_config),
+            )
+        return self._metadata
+
+    def hooks(self, args: argparse.Namespace) -> list:
+        return []
+
+
+def _text_encoder_lr(args: argparse.Namespace):
+    value = args.text_encoder_lr
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
 
 if __name__ == "__main__":
-    sys.exit(run("train_network"))
+    from library.training.entry import run_recipe
+
+    sys.exit(run_recipe("train_network", NetworkRecipe()))

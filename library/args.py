@@ -110,8 +110,24 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     add_text_encoding_arguments(parser, weighted_captions=script != "train_textual_inversion")
     add_attention_arguments(parser)
     add_model_saving_arguments(parser, script)
+    add_training_groups(parser, script)
     add_config_file_arguments(parser)
     return parser
+
+
+def add_training_groups(parser: argparse.ArgumentParser, script: str) -> None:
+    """The shared training loop's options: schedule, precision, noise/loss, optimizer, LR, outputs, logging."""
+    from library.training.lr_schedulers import add_lr_scheduler_arguments
+    from library.training.noise import add_noise_arguments
+    from library.training.optimizers import add_optimizer_arguments
+    from library.training.training_args import add_logging_arguments, add_output_arguments, add_training_arguments
+
+    add_training_arguments(parser)
+    add_noise_arguments(parser)
+    add_optimizer_arguments(parser)
+    add_lr_scheduler_arguments(parser)
+    add_output_arguments(parser)
+    add_logging_arguments(parser, script)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

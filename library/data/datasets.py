@@ -44,6 +44,8 @@ from library.data.latent_cache import (
     read_cache,
 )
 from library.data.sample_plan import (
+    batches_per_process,
+    shard_batches,
     BatchPlan,
     balance_regularization,
     bucket_info_from_arrays,
@@ -284,6 +286,10 @@ class DatasetGroup:
 
     # ---- latents
 
+    @property
+    def uses_cached_latents(self) -> bool:
+        return self._latents is not None
+
     def cache_items(self) -> list[LatentCacheItem]:
         """One item per image (duplicates across subsets/datasets removed by the cache itself)."""
         items = []
@@ -489,27 +495,45 @@ class DatasetGroup:
 
 
 class EpochBatches(Dataset):
-    """The prepared batches of one epoch from ``start_batch`` on; item i is batch ``start_batch + i``.
+    """The batches of one epoch that one process trains on, from ``start`` on.
 
-    ``step`` given to caption processing (token warm-up) is ``first_step + (i // batches_per_step)``:
-    pass the global optimizer step at ``start_batch`` and the gradient-accumulation count.
+    ``batches`` are (index in the epoch, plan) pairs, by default every batch of the epoch; a
+    multi-process run passes its shard. Item i is ``batches[start + i]`` loaded, with its epoch index
+    under "batch_index". ``step`` given to caption processing (token warm-up) is
+    ``first_step + i // batches_per_step``: pass the global optimizer step at ``start`` and the
+    gradient-accumulation count.
     """
 
     def __init__(
-        self, group: DatasetGroup, epoch: int, start_batch: int = 0, first_step: int = 0, batches_per_step: int = 1
+        self,
+        group: DatasetGroup,
+        epoch: int,
+        start_batch: int = 0,
+        first_step: int = 0,
+        batches_per_step: int = 1,
+        batches: Sequence[tuple[int, BatchPlan]] | None = None,
     ) -> None:
         self.group = group
         self.epoch = epoch
-        self.plans = group.batches_for_epoch(epoch)[start_batch:]
+        if batches is None:
+            batches = list(enumerate(group.batches_for_epoch(epoch)))
+        self.batches = list(batches)[start_batch:]
         self.first_step = first_step
         self.batches_per_step = max(1, batches_per_step)
 
+    @property
+    def plans(self) -> list[BatchPlan]:
+        return [plan for _, plan in self.batches]
+
     def __len__(self) -> int:
-        return len(self.plans)
+        return len(self.batches)
 
     def __getitem__(self, index: int) -> dict:
         step = self.first_step + index // self.batches_per_step
-        return self.group.load_batch(self.plans[index], self.epoch, step)
+        batch_index, plan = self.batches[index]
+        batch = self.group.load_batch(plan, self.epoch, step)
+        batch["batch_index"] = batch_index
+        return batch
 
 
 def make_dataloader(
@@ -520,10 +544,11 @@ def make_dataloader(
     start_batch: int = 0,
     first_step: int = 0,
     batches_per_step: int = 1,
+    batches: Sequence[tuple[int, BatchPlan]] | None = None,
 ) -> DataLoader:
     """A loader yielding ready batches of one epoch in plan order (workers capped at the CPU count)."""
     workers = max(0, min(workers, os.cpu_count() or 1))
-    dataset = EpochBatches(group, epoch, start_batch, first_step, batches_per_step)
+    dataset = EpochBatches(group, epoch, start_batch, first_step, batches_per_step, batches)
     return DataLoader(
         dataset,
         batch_size=None,
@@ -531,6 +556,78 @@ def make_dataloader(
         num_workers=workers,
         persistent_workers=persistent and workers > 0,
         collate_fn=_keep_batch,
+    )
+
+
+class RunBatches(Dataset):
+    """Every batch one process trains on for the rest of a run, across epochs, in order.
+
+    One loader for the whole run keeps its worker processes alive between epochs (what
+    --persistent_data_loader_workers asks for) and lets a resumed run start in the middle of an
+    epoch. Items carry "epoch", "batch_index" (index in the epoch, the same on every process
+    count) and "local_index" (position in this process's shard).
+    """
+
+    def __init__(
+        self,
+        group: DatasetGroup,
+        num_epochs: int,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+        first_step: int = 0,
+        batches_per_step: int = 1,
+        rank: int = 0,
+        num_processes: int = 1,
+    ) -> None:
+        self.group = group
+        self.rank = rank
+        self.num_processes = num_processes
+        per_epoch = batches_per_process(group.num_batches_per_epoch, num_processes)
+        epochs, locals_, steps = [], [], []
+        step = first_step
+        accumulation = max(1, batches_per_step)
+        for epoch in range(start_epoch, num_epochs):
+            first = start_batch if epoch == start_epoch else 0
+            local = np.arange(first, per_epoch)
+            epochs.append(np.full(len(local), epoch))
+            locals_.append(local)
+            steps.append(step + (local - first) // accumulation)
+            step += -(-(per_epoch - first) // accumulation)
+        self._epochs = np.concatenate(epochs) if epochs else np.zeros(0, dtype=int)
+        self._locals = np.concatenate(locals_) if locals_ else np.zeros(0, dtype=int)
+        self._steps = np.concatenate(steps) if steps else np.zeros(0, dtype=int)
+        self._shard_epoch: int | None = None
+        self._shard: list[tuple[int, BatchPlan]] = []
+
+    def __len__(self) -> int:
+        return len(self._epochs)
+
+    def shard(self, epoch: int) -> list[tuple[int, BatchPlan]]:
+        """This process's (index in the epoch, plan) pairs of `epoch` (kept for the current epoch)."""
+        if self._shard_epoch != epoch:
+            self._shard = shard_batches(self.group.batches_for_epoch(epoch), self.rank, self.num_processes)
+            self._shard_epoch = epoch
+        return self._shard
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, local, step = int(self._epochs[index]), int(self._locals[index]), int(self._steps[index])
+        batch_index, plan = self.shard(epoch)[local]
+        batch = self.group.load_batch(plan, epoch, step)
+        batch.update(epoch=epoch, batch_index=batch_index, local_index=local)
+        return batch
+
+
+def make_run_dataloader(dataset: RunBatches, workers: int, persistent: bool = False) -> DataLoader:
+    """The run's loader (workers capped at the CPU count, batches already collated)."""
+    workers = max(0, min(workers, os.cpu_count() or 1))
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=persistent and workers > 0,
+        collate_fn=_keep_batch,
+        prefetch_factor=2 if workers > 0 else None,
     )
 
 

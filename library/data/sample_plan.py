@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import random
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
@@ -14,6 +14,8 @@ Size = tuple[int, int]
 __all__ = [
     "BatchPlan",
     "balance_regularization",
+    "batches_per_process",
+    "shard_batches",
     "bucket_info_from_arrays",
     "count_batches",
     "epoch_generator",
@@ -21,6 +23,8 @@ __all__ = [
     "sample_random",
     "sample_generator",
 ]
+
+T = TypeVar("T")
 
 
 class BatchPlan(NamedTuple):
@@ -141,3 +145,17 @@ def count_batches(bucket_ids: np.ndarray, repeats: np.ndarray, batch_size: int) 
         return 0
     per_bucket = np.bincount(bucket_ids, weights=repeats).astype(np.int64)
     return int(np.sum(-(-per_bucket // batch_size)))
+
+
+def batches_per_process(num_batches: int, num_processes: int) -> int:
+    """Each process gets the same number of batches (the last few are repeated to fill the round)."""
+    return -(-num_batches // num_processes) if num_batches else 0
+
+
+def shard_batches(batches: Sequence[T], rank: int, num_processes: int) -> list[tuple[int, T]]:
+    """(index in the epoch, batch) pairs of one process: batches rank, rank+N, ... with the list padded
+    by wrapping around so every process has the same count."""
+    if num_processes == 1:
+        return list(enumerate(batches))
+    total = batches_per_process(len(batches), num_processes) * num_processes
+    return [(i, batches[i % len(batches)]) for i in range(rank, total, num_processes)]

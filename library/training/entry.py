@@ -1,0 +1,92 @@
+"""What every training script does around the loop: parse, check everything, prepare data, train.
+
+A recipe script calls `run_recipe(script, recipe)`; the recipe object adds its own options
+(`add_arguments`), checks them (`option_problems`) and attaches what it trains (see trainer.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from library.args import build_parser, parse_args, write_config_file
+
+logger = logging.getLogger(__name__)
+
+
+def option_problems(args: argparse.Namespace, recipe) -> list[str]:
+    """Every problem the options have, found before any data or model is read."""
+    from library.training.lr_schedulers import lr_scheduler_option_problems
+    from library.training.noise import NoiseSettings, noise_option_problems
+    from library.training.optimizers import optimizer_option_problems
+    from library.training.tracking import tracking_problems
+    from library.training.training_args import training_option_problems
+
+    problems = training_option_problems(args)
+    problems += noise_option_problems(NoiseSettings.from_args(args))
+    problems += optimizer_option_problems(args)
+    problems += lr_scheduler_option_problems(args)
+    problems += tracking_problems(args)
+    problems += recipe.option_problems(args)
+    if not args.pretrained_model_name_or_path and not args.debug_dataset:
+        problems.append("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file, diffusers folder or hub id)")
+    return problems
+
+
+def run_recipe(script: str, recipe, argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = build_parser(script)
+    recipe.add_arguments(parser)
+    args = parse_args(parser, argv)
+    if args.output_config:
+        print(f"wrote {write_config_file(parser, args)}")
+        return 0
+    try:
+        return _run(script, recipe, args)
+    except KeyboardInterrupt:
+        print("interrupted; files being written were left untouched", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user errors are one line, bugs keep their traceback
+        if not _is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(script: str, recipe, args: argparse.Namespace) -> int:
+    from library.data.pipeline import prepare_datasets, wants_datasets
+    from library.training.trainer import Trainer, resolve_seed
+
+    if not wants_datasets(args):
+        print("error: no training data: give --dataset_config, or --train_data_dir (see docs/datasets.md)", file=sys.stderr)
+        return 1
+    if args.debug_dataset:
+        from library.data.preview import run_debug_dataset
+
+        run_debug_dataset(prepare_datasets(args, script), None)
+        return 0
+    problems = option_problems(args, recipe)
+    if problems:
+        print("error: the options need fixing before training can start:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    if args.xformers:
+        from library.models.attention import check_xformers_usable
+
+        check_xformers_usable()
+    args.seed = resolve_seed(args)
+    group = prepare_datasets(args, script)
+    hooks = recipe.hooks(args) if hasattr(recipe, "hooks") else []
+    return Trainer(recipe, args, group, args.seed, hooks).run()
+
+
+def _is_user_error(err: BaseException) -> bool:
+    from library.errors import is_user_error
+    from library.training.checkpoints import ResumeError
+    from library.training.noise import NoiseOptionError
+    from library.training.optimizers import OptionError
+    from library.training.trainer import TrainingDiverged
+
+    return is_user_error(err) or isinstance(err, (ResumeError, OptionError, NoiseOptionError, TrainingDiverged))

@@ -1,0 +1,608 @@
+"""The one training loop every recipe shares (reference/DESIGN.md, "The recipe interface").
+
+The trainer owns accelerate, the data loader, epochs and steps, gradient accumulation and clipping,
+mixed precision, the LR schedule, noise and loss, save cadence, resume, interrupts and logging.
+A recipe is a plain object that says what trains and how it is saved:
+
+    recipe.script                      "train_network", ...
+    recipe.attach(ctx) -> Attached     build/attach what trains (after the base model is loaded)
+    recipe.trained_state_dict()        the trained tensors, for training states
+    recipe.load_trained_state_dict(sd)
+    recipe.save(path_without_suffix, ctx, progress) -> Path   write a model file, return its path
+    recipe.output_path(folder, name) -> Path                  where save() writes `name` (for pruning)
+
+Optional hooks (called when present): ``recipe.after_optimizer_step(ctx, progress)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.training.checkpoints import (
+    Progress,
+    epoch_name,
+    epoch_to_prune,
+    final_name,
+    load_training_state,
+    remove_output,
+    save_training_state,
+    should_save_at_epoch,
+    should_save_at_step,
+    state_folder_name,
+    step_name,
+    step_to_prune,
+)
+from library.training.interrupts import StopRequest
+from library.training.schedule import Schedule, batch_seed, micro_batch_group, plan_schedule
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the trained weights stopped being finite; nothing broken was written."""
+
+
+@dataclass
+class Attached:
+    """What a recipe trains: the module holding its trainable parameters and their optimizer groups."""
+
+    trained: torch.nn.Module
+    param_groups: list[dict]
+    text_encoder_trains: bool  # gradients flow through the text encoder
+    unet_weights_train: bool = False  # the U-Net's own weights are trained (full fine-tuning)
+    text_encoder_weights_train: bool = False
+    find_unused_parameters: bool = False  # DDP: some trained parameters may be skipped in a step
+
+
+@dataclass
+class TrainingContext:
+    """Everything a recipe may look at while attaching and saving."""
+
+    args: argparse.Namespace
+    script: str
+    accelerator: Any
+    parts: Any  # StableDiffusionParts
+    group: Any  # DatasetGroup
+    weight_dtype: torch.dtype
+    seed: int
+    schedule: Schedule | None = None
+    optimizer_description: str = ""
+    session_id: int = field(default_factory=lambda: random.randrange(2**32))
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+class DiffusionTrainingModel(torch.nn.Module):
+    """What DDP wraps: captions -> conditioning -> U-Net prediction, plus the recipe's trained module
+    (registered so its parameters are found, used through hooks inside the U-Net / text encoder)."""
+
+    def __init__(self, unet: torch.nn.Module, conditioner: torch.nn.Module, trained: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.conditioner = conditioner
+        self.trained = trained
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        hidden = self.conditioner(captions)
+        return self.unet(noisy_latents, timesteps, hidden.to(noisy_latents.dtype)).sample
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def make_accelerator(args: argparse.Namespace, find_unused_parameters: bool = False):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    from library.training.tracking import accelerator_logging_kwargs
+
+    handlers = [
+        DistributedDataParallelKwargs(
+            find_unused_parameters=find_unused_parameters,
+            gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
+            static_graph=args.ddp_static_graph,
+        )
+    ]
+    if args.ddp_timeout:
+        from datetime import timedelta
+
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+    # Accumulation is done here (no_sync + loss / micro-batches) so a short last group of an
+    # epoch is averaged correctly; accelerate therefore runs with 1.
+    return Accelerator(
+        gradient_accumulation_steps=1,
+        mixed_precision=args.mixed_precision,
+        kwargs_handlers=handlers,
+        **accelerator_logging_kwargs(args),
+    )
+
+
+class Trainer:
+    """Runs one recipe on one prepared dataset group; `run()` returns the process exit code."""
+
+    def __init__(self, recipe, args: argparse.Namespace, group, seed: int, hooks: list | None = None) -> None:
+        self.recipe = recipe
+        self.args = args
+        self.group = group
+        self.seed = seed
+        self.hooks = list(hooks or [])
+        self.output_dir = Path(args.output_dir)
+        self.last_saved: Path | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def run(self) -> int:
+        args = self.args
+        accelerator = make_accelerator(args, find_unused_parameters=self.recipe.find_unused_parameters(args))
+        self.accelerator = accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(self.seed)  # network initialisation and anything else drawn before the first batch
+        parts = self._load_base_model()
+        ctx = TrainingContext(args, self.recipe.script, accelerator, parts, self.group, weight_dtype_for(args.mixed_precision), self.seed)
+        self.ctx = ctx
+        self._cache_latents_if_asked(parts)
+        parts.unet.requires_grad_(False)
+        parts.text_encoder.requires_grad_(False)
+        parts.vae.requires_grad_(False)
+        attached = self.recipe.attach(ctx)
+        self.attached = attached
+        self._place_models(parts, attached)
+        self.noise_scheduler = self._training_noise_scheduler(parts)
+
+        schedule = plan_schedule(
+            self.group.num_batches_per_epoch,
+            accelerator.num_processes,
+            args.gradient_accumulation_steps,
+            args.max_train_steps,
+            args.max_train_epochs,
+        )
+        ctx.schedule = schedule
+        from library.training.lr_schedulers import build_lr_scheduler
+        from library.training.optimizers import build_optimizer
+
+        built = build_optimizer(args, attached.param_groups, logger=logger)
+        self.built_optimizer = built
+        ctx.optimizer_description = built.description
+        lr_scheduler = build_lr_scheduler(args, built, schedule.max_train_steps, num_processes=1)
+
+        conditioner = self._make_conditioner(parts, attached)
+        model = DiffusionTrainingModel(parts.unet, conditioner, attached.trained)
+        self.model, self.optimizer = accelerator.prepare(model, built.optimizer)
+        self.lr_scheduler = lr_scheduler
+        self.trainable = [p for g in attached.param_groups for p in g["params"]]
+
+        progress = Progress()
+        if args.resume:
+            progress = self._resume(args.resume, schedule)
+        self._start_trackers()
+        if accelerator.is_main_process:
+            print(f"training: {schedule.describe(accelerator.num_processes, args.gradient_accumulation_steps)}")
+        for hook in self.hooks:
+            getattr(hook, "at_start", lambda *a: None)(self, progress)
+        try:
+            with StopRequest() as stop:
+                progress = self._train(schedule, progress, stop)
+        finally:
+            accelerator.end_training()
+        return 0
+
+    def _load_base_model(self):
+        from library.models.attention import set_attention_backend
+        from library.models.loading import load_base_model
+
+        args = self.args
+        parts = load_base_model(
+            args.pretrained_model_name_or_path,
+            v2=args.v2,
+            v_parameterization=args.v_parameterization,
+            vae=args.vae,
+            tokenizer_cache_dir=args.tokenizer_cache_dir,
+        )
+        set_attention_backend(parts.unet, parts.vae, xformers=args.xformers, mem_eff_attn=args.mem_eff_attn)
+        return parts
+
+    def _cache_latents_if_asked(self, parts) -> None:
+        args, accelerator = self.args, self.accelerator
+        if not (args.cache_latents or args.cache_latents_to_disk):
+            return
+        from library.data.latent_cache import cache_latents
+
+        vae = parts.vae
+        _place(vae, accelerator.device, self._vae_dtype())
+        subsets = [s for d in self.group.datasets for s in d.blueprint.subsets]
+        items = self.group.cache_items()
+        # Disk caches: the main process writes, the others then find valid files and read them.
+        for turn in ("main", "others") if args.cache_latents_to_disk and accelerator.num_processes > 1 else ("all",):
+            mine = turn == "all" or (turn == "main") == accelerator.is_main_process
+            if mine:
+                result = cache_latents(
+                    items,
+                    vae,
+                    batch_size=args.vae_batch_size,
+                    to_disk=args.cache_latents_to_disk,
+                    flip_aug=any(s.flip_aug for s in subsets),
+                    alpha_mask=any(s.alpha_mask for s in subsets),
+                    generator=torch.Generator().manual_seed(self.seed),
+                    skip_cache_check=args.skip_cache_check,
+                    show_progress=accelerator.is_main_process,
+                )
+            if turn != "all":
+                accelerator.wait_for_everyone()
+        self.group.set_latents(result)
+        if accelerator.is_main_process:
+            print(f"latents: {result.encoded} image(s) encoded, {result.reused} reused from disk")
+
+    def _vae_dtype(self) -> torch.dtype:
+        # fp16 VAE encodes can overflow; bf16 is safe and saves memory.
+        return torch.bfloat16 if self.args.mixed_precision == "bf16" else torch.float32
+
+    def _place_models(self, parts, attached: Attached) -> None:
+        """Frozen weights live in the compute dtype; trained ones in fp32 unless --full_fp16/bf16."""
+        args, device = self.args, self.accelerator.device
+        weight_dtype = self.ctx.weight_dtype
+        _place(parts.unet, device, torch.float32 if attached.unet_weights_train else weight_dtype)
+        _place(parts.text_encoder, device, torch.float32 if attached.text_encoder_weights_train else weight_dtype)
+        if self.group.uses_cached_latents:
+            parts.vae.to("cpu")  # only needed again for sample images
+        else:
+            _place(parts.vae, device, self._vae_dtype())
+        trained_dtype = torch.float32
+        if args.full_fp16:
+            trained_dtype = torch.float16
+        elif args.full_bf16:
+            trained_dtype = torch.bfloat16
+        attached.trained.to(device, dtype=trained_dtype)
+        if args.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+            if attached.text_encoder_trains:
+                parts.text_encoder.gradient_checkpointing_enable()
+        # Gradient checkpointing acts in train mode only (SD's U-Net has no dropout); a text encoder
+        # that nothing trains stays in eval mode.
+        parts.unet.train()
+        parts.text_encoder.train(attached.text_encoder_trains)
+        parts.vae.eval()
+
+    def _training_noise_scheduler(self, parts):
+        from library.training.noise import apply_zero_terminal_snr
+
+        scheduler = parts.noise_scheduler
+        if getattr(self.args, "zero_terminal_snr", False):
+            scheduler = apply_zero_terminal_snr(scheduler)
+        return scheduler
+
+    def _make_conditioner(self, parts, attached: Attached):
+        from library.models.text_encoding import TextEncoding
+        from library.training.text_conditioning import TextConditioner
+
+        settings = TextEncoding.from_args(self.args)
+        cache = bool(getattr(self.args, "cache_text_encoder_outputs", False))
+        if cache and attached.text_encoder_trains:
+            raise ValueError(
+                "--cache_text_encoder_outputs: the text encoder trains in this run, so its outputs change "
+                "every step; add --network_train_unet_only or drop the option"
+            )
+        return TextConditioner(
+            parts.tokenizer, parts.text_encoder, settings, trains=attached.text_encoder_trains, cache_outputs=cache
+        )
+
+    def _start_trackers(self) -> None:
+        from library.training.tracking import start_trackers
+
+        start_trackers(self.accelerator, self.args, self.recipe.script)
+
+    # ------------------------------------------------------------------ resume
+
+    def _resume(self, folder: str, schedule: Schedule) -> Progress:
+        state = load_training_state(folder)
+        self.recipe.load_trained_state_dict(state.trained)
+        self.optimizer.load_state_dict(state.optimizer_state)
+        self.lr_scheduler.load_state_dict(state.scheduler_state)
+        if state.scaler_state is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state.scaler_state)
+        progress = state.progress
+        saved_processes = state.info.get("num_processes", self.accelerator.num_processes)
+        if saved_processes != self.accelerator.num_processes and progress.batch_in_epoch:
+            # The position inside an epoch is per process; with another process count, restart the epoch.
+            logger.warning(
+                "resuming with %d process(es) instead of %d: the interrupted epoch restarts from its beginning",
+                self.accelerator.num_processes, saved_processes,
+            )
+            progress = replace(progress, batch_in_epoch=0)
+        if self.accelerator.is_main_process:
+            print(f"resumed from {folder}: step {progress.global_step}, epoch {progress.epoch + 1}, "
+                  f"batch {progress.batch_in_epoch} of the epoch")
+        return progress
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train(self, schedule: Schedule, progress: Progress, stop: StopRequest) -> Progress:
+        from tqdm.auto import tqdm
+
+        from library.data.datasets import RunBatches, make_run_dataloader
+
+        args, accelerator = self.args, self.accelerator
+        if progress.global_step >= schedule.max_train_steps:
+            print(f"nothing to do: step {progress.global_step} already reaches --max_train_steps {schedule.max_train_steps}")
+            return progress
+        dataset = RunBatches(
+            self.group,
+            schedule.num_epochs,
+            start_epoch=progress.epoch,
+            start_batch=progress.batch_in_epoch,
+            first_step=progress.global_step,
+            batches_per_step=args.gradient_accumulation_steps,
+            rank=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+        )
+        loader = make_run_dataloader(dataset, args.max_data_loader_n_workers, args.persistent_data_loader_workers)
+        bar = tqdm(
+            total=schedule.max_train_steps, initial=progress.global_step, desc="steps",
+            disable=not accelerator.is_local_main_process, smoothing=0,
+        )
+        epoch_losses: list[float] = []
+        step_loss = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        self._set_optimizer_mode(train=True)
+        for batch in loader:
+            epoch = batch["epoch"]
+            group_size, last_micro = micro_batch_group(
+                batch["local_index"], schedule.batches_per_epoch, args.gradient_accumulation_steps
+            )
+            sync = nullcontext() if last_micro else accelerator.no_sync(self.model)
+            with sync:
+                loss = self._batch_loss(batch, epoch)
+                accelerator.backward(loss / group_size)
+            step_loss += loss.detach().float().item() / group_size
+            if not last_micro:
+                continue
+            self._check_finite_loss(step_loss, progress, epoch)
+            self._optimizer_step()
+            progress = Progress(progress.global_step + 1, epoch, batch["local_index"] + 1)
+            epoch_losses.append(step_loss)
+            self._log_step(step_loss, epoch_losses, progress)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(epoch_losses) / len(epoch_losses):.4f}", lr=f"{self._lrs()[0]:.2e}")
+            step_loss = 0.0
+            if progress.batch_in_epoch >= schedule.batches_per_epoch:
+                # End the epoch first, so a state saved at this step resumes at the next epoch's start.
+                progress = self._end_epoch(progress, schedule, epoch_losses)
+                epoch_losses = []
+            self._after_step(progress, schedule)
+            if progress.global_step >= schedule.max_train_steps:
+                break
+            if self._stop_requested(stop):
+                self._save_interrupted(progress, stop.signal_name or "stop")
+                bar.close()
+                return progress
+        bar.close()
+        self._save_final(progress)
+        return progress
+
+    def _batch_loss(self, batch: dict, epoch: int) -> torch.Tensor:
+        from library.training.noise import NoiseSettings, noisy_latents, per_sample_loss, sample_noise, sample_timesteps, training_target
+
+        args, device = self.args, self.accelerator.device
+        seed = batch_seed(self.seed, epoch, batch["batch_index"])
+        torch.manual_seed(seed)  # dropout and anything else drawing from the global stream
+        generator = torch.Generator().manual_seed(seed)
+        settings = NoiseSettings.from_args(args)
+        latents = self._latents(batch, generator)
+        noise = sample_noise(latents, settings, generator)
+        timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps, settings, generator, device)
+        noisy = noisy_latents(self.noise_scheduler, latents, noise, timesteps, settings, generator)
+        with self.accelerator.autocast():
+            prediction = self.model(noisy.to(self.ctx.weight_dtype), timesteps, batch["captions"])
+        target = training_target(self.noise_scheduler, latents, noise, timesteps, args.v_parameterization)
+        mask = self._loss_mask(batch, latents)
+        weights = batch["loss_weights"].to(device)
+        return per_sample_loss(prediction.float(), target.float(), timesteps, self.noise_scheduler, settings, weights, mask).mean()
+
+    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        device = self.accelerator.device
+        vae = self.ctx.parts.vae
+        if "latents" in batch:
+            latents = batch["latents"].to(device, torch.float32)
+        else:
+            with torch.no_grad():
+                pixels = batch["images"].to(device, dtype=self._vae_dtype())
+                latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
+        return latents * vae.config.scaling_factor
+
+    @staticmethod
+    def _loss_mask(batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
+        masks = batch.get("alpha_masks")
+        if masks is None:
+            return None
+        masks = masks.to(latents.device, torch.float32).unsqueeze(1)
+        return torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="area")
+
+    def _optimizer_step(self) -> None:
+        args, accelerator = self.args, self.accelerator
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
+        self.optimizer.step()
+        if not getattr(self.optimizer, "step_was_skipped", False):
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        hook = getattr(self.recipe, "after_optimizer_step", None)
+        if hook is not None:
+            hook(self.ctx)
+
+    def _check_finite_loss(self, loss: float, progress: Progress, epoch: int) -> None:
+        value = torch.tensor([loss], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.reduce(value, "sum")
+        if torch.isfinite(value).all():
+            return
+        kept = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved in this run"
+        raise TrainingDiverged(
+            f"loss became {float(value[0])} at step {progress.global_step + 1} (epoch {epoch + 1}); training stopped "
+            f"without writing this step. {kept}. Try a lower --learning_rate, --mixed_precision bf16 instead of fp16, "
+            "or check the images and captions of this batch"
+        )
+
+    def _set_optimizer_mode(self, train: bool) -> None:
+        if self.built_optimizer.is_schedule_free:
+            optimizer = self.built_optimizer.optimizer
+            optimizer.train() if train else optimizer.eval()
+
+    def _lrs(self) -> list[float]:
+        from library.training.optimizers import current_lrs
+
+        return current_lrs(self.built_optimizer.optimizer, self.built_optimizer)
+
+    def _log_step(self, loss: float, epoch_losses: list[float], progress: Progress) -> None:
+        if not self.accelerator.trackers:
+            return
+        logs = {"loss/current": loss, "loss/average": sum(epoch_losses) / len(epoch_losses)}
+        names = [g.get("name") or f"group{i}" for i, g in enumerate(self.built_optimizer.optimizer.param_groups)]
+        for name, lr in zip(names, self._lrs()):
+            logs[f"lr/{name}"] = lr
+        self.accelerator.log(logs, step=progress.global_step)
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------------ epochs, saving
+
+    def _after_step(self, progress: Progress, schedule: Schedule) -> None:
+        args = self.args
+        if should_save_at_step(progress.global_step, args.save_every_n_steps, schedule.max_train_steps):
+            name = step_name(args.output_name, progress.global_step)
+            self._save(name, progress, state=args.save_state)
+            old = step_to_prune(progress.global_step, args.save_every_n_steps, args.save_last_n_steps)
+            if old is not None:
+                self._prune_model(step_name(args.output_name, old))
+            old_state = step_to_prune(
+                progress.global_step, args.save_every_n_steps, args.save_last_n_steps_state or args.save_last_n_steps
+            )
+            if old_state is not None:
+                self._prune_state(step_name(args.output_name, old_state))
+        for hook in self.hooks:
+            getattr(hook, "after_step", lambda *a: None)(self, progress)
+
+    def _end_epoch(self, progress: Progress, schedule: Schedule, losses: list[float]) -> Progress:
+        args = self.args
+        progress = Progress(progress.global_step, progress.epoch + 1, 0)
+        if losses and self.accelerator.trackers:
+            self.accelerator.log({"loss/epoch_average": sum(losses) / len(losses)}, step=progress.global_step)
+        every = self._save_every_n_epochs(schedule)
+        if should_save_at_epoch(progress.epoch, every, schedule.num_epochs):
+            self._save(epoch_name(args.output_name, progress.epoch), progress, state=args.save_state)
+            old = epoch_to_prune(progress.epoch, every, args.save_last_n_epochs)
+            if old is not None:
+                self._prune_model(epoch_name(args.output_name, old))
+            old_state = epoch_to_prune(progress.epoch, every, args.save_last_n_epochs_state or args.save_last_n_epochs)
+            if old_state is not None:
+                self._prune_state(epoch_name(args.output_name, old_state))
+        for hook in self.hooks:
+            getattr(hook, "after_epoch", lambda *a: None)(self, progress)
+        return progress
+
+    def _save_every_n_epochs(self, schedule: Schedule) -> int | None:
+        if self.args.save_n_epoch_ratio:
+            return max(1, schedule.num_epochs // self.args.save_n_epoch_ratio)
+        return self.args.save_every_n_epochs
+
+    def _save_final(self, progress: Progress) -> None:
+        args = self.args
+        name = final_name(args.output_name)
+        self._save(name, progress, state=args.save_state or args.save_state_on_train_end)
+        if self.accelerator.is_main_process:
+            print(f"finished at step {progress.global_step}: model saved to {self.recipe.output_path(self.output_dir, name)}")
+
+    def _save_interrupted(self, progress: Progress, reason: str) -> None:
+        name = step_name(self.args.output_name, progress.global_step)
+        self._save(name, progress, state=True)
+        if self.accelerator.is_main_process:
+            state = self.output_dir / state_folder_name(name)
+            print(f"stopped by {reason} at step {progress.global_step}; resume with: --resume {state}")
+
+    def _save(self, name: str, progress: Progress, state: bool) -> None:
+        """Write the model file (and a state folder) on the main process; the others wait."""
+        accelerator = self.accelerator
+        self._check_finite_weights(progress)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.recipe.save(self.output_dir, name, self.ctx, progress)
+            self.last_saved = path
+            logger.info("saved %s", path)
+            if state:
+                self._save_state(self.output_dir / state_folder_name(name), progress)
+        accelerator.wait_for_everyone()
+
+    def _save_state(self, folder: Path, progress: Progress) -> None:
+        scaler = self.accelerator.scaler
+        save_training_state(
+            folder,
+            progress,
+            self.recipe.trained_state_dict(),
+            self.optimizer.state_dict(),
+            self.lr_scheduler.state_dict(),
+            scaler.state_dict() if scaler is not None else None,
+            extra={"seed": self.seed, "num_processes": self.accelerator.num_processes},
+        )
+        logger.info("saved training state %s", folder)
+
+    def _check_finite_weights(self, progress: Progress) -> None:
+        bad = [p for p in self.trainable if not torch.isfinite(p).all()]
+        if bad:
+            kept = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved in this run"
+            raise TrainingDiverged(
+                f"the trained weights contain NaN/inf at step {progress.global_step}; not saving them. {kept}. "
+                "Try a lower --learning_rate or --max_grad_norm 1.0"
+            )
+
+    def _prune_model(self, name: str) -> None:
+        if self.accelerator.is_main_process:
+            remove_output(self.recipe.output_path(self.output_dir, name))
+
+    def _prune_state(self, name: str) -> None:
+        if self.accelerator.is_main_process:
+            remove_output(self.output_dir / state_folder_name(name))
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move, and cast only when the dtype differs (diffusers warns on every cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+
+
+def resolve_seed(args: argparse.Namespace) -> int:
+    """--seed, else the seed a resumed state was trained with, else a random one (printed)."""
+    import json
+
+    if args.resume:
+        state_file = Path(args.resume) / "train_state.json"
+        if state_file.is_file():
+            saved = json.loads(state_file.read_text(encoding="utf-8")).get("seed")
+            if saved is not None:
+                if args.seed is not None and args.seed != saved:
+                    logger.warning("--seed %d differs from the resumed run's seed %d; using %d", args.seed, saved, saved)
+                return int(saved)
+    if args.seed is not None:
+        return int(args.seed)
+    seed = random.randrange(2**31)
+    logger.info("no --seed given; using %d", seed)
+    return seed
+
+
