@@ -1,16 +1,19 @@
 """Dataset start-up cost at 1k / 10k / 100k small images: scan, captions, sizes, buckets, epoch plan.
 
-    .venv/bin/python bench/bench_dataset_startup.py [--counts 1000 10000 100000] [--work DIR]
+    .venv/bin/python bench/bench_dataset_startup.py [--counts 1000 10000 100000] [--runs 3] [--work DIR]
 
 Images (8x8 .. 64x48 PNGs of varied aspect ratios, each with a .txt caption) are written once into
 DIR/<count>/ by a process pool and reused by later runs. Every stage is timed on its own, then the
-whole ``build_dataset_group(check_readable=False)``, then the readability check separately.
+whole ``build_dataset_group(check_readable=False)``, then the readability check separately. Each
+count is measured ``--runs`` times and the median is shown; the load average before and after is
+printed because other processes on the machine make single runs noisy.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -82,17 +85,30 @@ def bench(folder: Path) -> dict[str, float]:
     return times
 
 
+def _load_average() -> str:
+    try:
+        return "/".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:  # not available on Windows
+        return "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--runs", type=int, default=3, help="measurements per count; the median is shown")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "dataset_images")
     args = parser.parse_args()
     results = {}
+    load_before = _load_average()
     for count in args.counts:
         seconds, folder = timed(lambda: ensure_images(args.work, count))
         print(f"{count} images ready in {seconds:.1f}s ({folder})", flush=True)
-        results[count] = bench(folder)
-    print(f"\nCPU cores: {os.cpu_count()}; repeats 2, batch 4, 512x512 buckets; seconds (µs per image)")
+        runs = [bench(folder) for _ in range(max(1, args.runs))]
+        results[count] = {stage: statistics.median(run[stage] for run in runs) for stage in STAGES}
+    print(
+        f"\nCPU cores: {os.cpu_count()}; load average before {load_before}, after {_load_average()}; "
+        f"repeats 2, batch 4, 512x512 buckets; median of {max(1, args.runs)} runs, seconds (µs per image)"
+    )
     header = f"{'stage':<18}" + "".join(f"{c:>22}" for c in results)
     counts = list(results)
     ratios = list(zip(counts, counts[1:]))

@@ -120,6 +120,7 @@ def add_training_groups(parser: argparse.ArgumentParser, script: str) -> None:
     from library.training.lr_schedulers import add_lr_scheduler_arguments
     from library.training.noise import add_noise_arguments
     from library.training.optimizers import add_optimizer_arguments
+    from library.training.sampling import add_sampling_arguments
     from library.training.training_args import add_logging_arguments, add_output_arguments, add_training_arguments
 
     add_training_arguments(parser)
@@ -128,6 +129,7 @@ def add_training_groups(parser: argparse.ArgumentParser, script: str) -> None:
     add_lr_scheduler_arguments(parser)
     add_output_arguments(parser)
     add_logging_arguments(parser, script)
+    add_sampling_arguments(parser)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -125,6 +125,29 @@ def test_example_fine_tuning_metadata_stem_keys(tmp_path):
     meta_out = group.metadata()
     assert meta_out["ss_datasets"][0]["is_dreambooth"] is False
     assert meta_out["ss_tag_frequency"]["meta_lat.json"]["bird"] == 1
+    # fine-tuning subsets are named by their metadata file in ss_dataset_dirs, as upstream
+    assert meta_out["ss_dataset_dirs"] == {"meta_lat.json": {"n_repeats": 1, "img_count": 5}}
+
+
+def test_dataset_dirs_named_by_metadata_file_and_deduplicated(tmp_path):
+    datasets = []
+    for name in ("one", "two"):
+        folder = tmp_path / name
+        make_images(folder, 2, prefix="p")
+        (folder / "meta.json").write_text(json.dumps({"p000": {"caption": "x"}, "p001": {"caption": "y"}}))
+        datasets.append(dataset([SubsetBlueprint(image_dir=str(folder), metadata_file=str(folder / "meta.json"),
+                                                 num_repeats=3)], kind="fine_tuning"))
+    make_images(tmp_path / "db", 1)
+    datasets.append(dataset([
+        SubsetBlueprint(image_dir=str(tmp_path / "db"), class_tokens="x"),
+        SubsetBlueprint(image_dir=str(tmp_path / "one"), class_tokens="reg", is_reg=True),
+    ]))
+    dirs = build(datasets).metadata()["ss_dataset_dirs"]
+    assert dirs == {
+        "meta.json": {"n_repeats": 3, "img_count": 2},
+        "meta.json (2)": {"n_repeats": 3, "img_count": 2},
+        "db": {"n_repeats": 1, "img_count": 1},
+    }
 
 
 def test_metadata_jsonl(tmp_path):

@@ -95,7 +95,8 @@ def test_requirement_and_crop_record():
     assert req.latent_shape == (4, 96, 64) and req.mask_shape == (768, 512)
     assert crop_ltrb_record((512, 512), (1024, 768)) == (0, 64, 512, 448)
     assert crop_ltrb_record((512, 512), (512, 512)) == (0, 0, 512, 512)
-    assert set(LATENT_CACHE_FORBIDS) == {"color_aug", "random_crop"} and "\n" not in LATENT_CACHE_FORBIDS_REASON
+    assert set(LATENT_CACHE_FORBIDS) == {"color_aug", "random_crop", "face_crop_aug_range"}
+    assert "\n" not in LATENT_CACHE_FORBIDS_REASON
 
 
 def test_cache_status_reasons(tmp_path):

@@ -8,6 +8,7 @@ reference/dataset-config.md §8 (steps 2-6); textual-inversion substitutions (st
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 from collections.abc import Iterable
@@ -217,30 +218,61 @@ def normalize_caption_extension(caption_extension: str) -> str:
     return caption_extension
 
 
-def read_caption_file(path: str | Path, enable_wildcard: bool) -> str:
-    """The caption in a file: its first line stripped, or with wildcards all non-empty lines joined by "\\n".
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)  # O_BINARY: no newline translation on Windows
+_FIRST_READ = 65536
+_UTF8_BOM = b"\xef\xbb\xbf"
 
-    A file without text (zero bytes or only whitespace) is an error, and so is one that is not UTF-8.
+
+def read_small_file(path: str | os.PathLike) -> bytes:
+    """Every byte of a (usually small) file: one ``os.open`` and one ``os.read`` in the common case.
+
+    About twice as fast as ``open().read()`` for 100k small files (no buffered file object per file).
     """
-    path = Path(path)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        # utf-8-sig: a byte-order mark written by some Windows editors is not part of the caption.
-        text = path.read_bytes().decode("utf-8-sig")
+        data = os.read(fd, _FIRST_READ)
+        if len(data) == _FIRST_READ:  # maybe more: read on to the end
+            parts = [data]
+            while chunk := os.read(fd, 1 << 20):
+                parts.append(chunk)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def caption_from_bytes(data: bytes, path: str | os.PathLike, enable_wildcard: bool) -> str:
+    """``read_caption_file`` on bytes already read (``path`` only names the file in errors)."""
+    try:
+        # A byte-order mark written by some Windows editors is not part of the caption (as utf-8-sig).
+        text = (data[3:] if data.startswith(_UTF8_BOM) else data).decode("utf-8")
     except UnicodeDecodeError as err:
         raise CaptionFileError(
             f"caption file is not valid UTF-8 (bad byte at offset {err.start}): {path}. "
             "Re-save it with UTF-8 encoding."
         ) from err
-    if not text.strip():
-        raise CaptionFileError(
-            f"caption file is empty (no text): {path}. Write a caption into it, or delete it so the image "
-            "uses the subset's class_tokens."
-        )
-    # Only \n, \r\n and \r end a line (str.splitlines would also split on form feeds and the like).
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if enable_wildcard:
-        return "\n".join(line.strip() for line in lines if line.strip())
-    return lines[0].strip()
+    if not enable_wildcard:
+        # The first line: only \n, \r\n and \r end a line (str.splitlines would also split on form feeds).
+        line = text.split("\n", 1)[0].split("\r", 1)[0].strip()
+        if line or text.strip():
+            return line
+    else:
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        joined = "\n".join(line.strip() for line in lines if line.strip())
+        if joined:
+            return joined
+    raise CaptionFileError(
+        f"caption file is empty (no text): {path}. Write a caption into it, or delete it so the image "
+        "uses the subset's class_tokens."
+    )
+
+
+def read_caption_file(path: str | os.PathLike, enable_wildcard: bool) -> str:
+    """The caption in a file: its first line stripped, or with wildcards all non-empty lines joined by "\\n".
+
+    A file without text (zero bytes or only whitespace) is an error, and so is one that is not UTF-8.
+    """
+    return caption_from_bytes(read_small_file(path), path, enable_wildcard)
 
 
 def count_tags(captions: Iterable[str]) -> dict[str, int]:

@@ -8,6 +8,8 @@ image. Problems are collected, never raised one at a time, so the user sees all 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +18,10 @@ from typing import Callable, NamedTuple, Sequence, TypeVar
 
 from library.data.captions import (
     CaptionFileError,
-    caption_file_candidates,
+    caption_from_bytes,
     normalize_caption_extension,
     read_caption_file,
+    read_small_file,
 )
 from library.data.config import DatasetBlueprint, SubsetBlueprint
 from library.data.image_headers import size_or_reason
@@ -30,6 +33,7 @@ __all__ = [
     "UnreadableImagesError",
     "metadata_caption",
     "parallel_map",
+    "paused_garbage_collection",
     "read_metadata_file",
     "read_sizes",
     "scan_subset",
@@ -99,6 +103,22 @@ def parallel_map(function: Callable[[_T], _R], items: Sequence[_T], workers: int
         return [result for chunk_result in results for result in chunk_result]
 
 
+@contextlib.contextmanager
+def paused_garbage_collection():
+    """Turn Python's cyclic garbage collector off for the block (back on after, if it was on).
+
+    For work that allocates many small objects without making reference cycles: the collector would
+    otherwise run full passes over every live object again and again while nothing can be freed.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def read_sizes(paths: Sequence[str], workers: int | None = None) -> list[tuple[int, int] | str]:
     """(width, height) from each header, or the reason it cannot be read."""
     return parallel_map(size_or_reason, paths, workers)
@@ -106,15 +126,16 @@ def read_sizes(paths: Sequence[str], workers: int | None = None) -> list[tuple[i
 
 def _folder_names(folder: str) -> tuple[list[str], set[str]]:
     """(sorted image file names, every file name) of a folder, from one scandir."""
-    extensions = image_extensions()
+    extensions = tuple(image_extensions())  # lower case, each with one dot: endswith == splitext's answer
     images, names = [], set()
+    add_name, add_image = names.add, images.append
     with os.scandir(folder) as entries:
         for entry in entries:
             name = entry.name
-            names.add(name)
+            add_name(name)
             # hidden files (and macOS "._x.png" forks) are skipped, as list_images does
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions and entry.is_file():
-                images.append(name)
+            if name.lower().endswith(extensions) and name[0] != "." and entry.is_file():
+                add_image(name)
     images.sort()
     return images, names
 
@@ -129,36 +150,60 @@ def _caption_or_error(path: str, enable_wildcard: bool) -> str | CaptionFileErro
 # ---------------------------------------------------------------- DreamBooth kind
 
 
-def _find_caption_file(folder: str, image_name: str, extension: str, names: set[str]) -> str | None:
-    stem = os.path.splitext(image_name)[0]
-    if stem + extension in names:  # the common case, without building Path objects
-        return os.path.join(folder, stem + extension)
-    for candidate in caption_file_candidates(os.path.join(folder, image_name), extension)[1:]:
-        if candidate.name in names:
-            return str(candidate)
+def _caption_file_name(image_name: str, extension: str, names: set[str]) -> str | None:
+    """Name of the image's caption file in ``names``: ``<stem><ext>``, else the face-crop base name
+    (``captions.caption_file_candidates`` on plain strings, without Path objects)."""
+    stem = image_name[: image_name.rfind(".")]
+    name = stem + extension
+    if name in names:
+        return name
+    if stem.count("_") >= 4:
+        base = stem.rsplit("_", 4)[0]
+        if base and base + extension in names:
+            return base + extension
     return None
 
 
-def _scan_dreambooth(subset: SubsetBlueprint, report: ScanReport, workers: int | None) -> list[tuple[str, str, None]]:
+def _read_image(
+    path: str, caption_path: str | None, enable_wildcard: bool
+) -> tuple[str | CaptionFileError | None, tuple[int, int] | str]:
+    """(caption text, error or None without a caption file; size or the reason it cannot be read)."""
+    text = None
+    if caption_path is not None:
+        try:
+            text = caption_from_bytes(read_small_file(caption_path), caption_path, enable_wildcard)
+        except CaptionFileError as error:
+            text = error
+    return text, size_or_reason(path)
+
+
+def _scan_dreambooth(
+    subset: SubsetBlueprint, report: ScanReport, workers: int | None
+) -> list[tuple[str, str, tuple[int, int] | str]]:
     folder = os.path.abspath(subset.image_dir)
     image_names, names = _folder_names(folder)
+    prefix = folder if folder.endswith(os.sep) else folder + os.sep  # os.path.join, without its cost
     extension = normalize_caption_extension(subset.caption_extension or "")
-    caption_files = [_find_caption_file(folder, name, extension, names) if extension else None for name in image_names]
-    to_read = [path for path in caption_files if path is not None]
-    texts = dict(zip(to_read, parallel_map(lambda p: _caption_or_error(p, subset.enable_wildcard), to_read, workers)))
+    paths = [prefix + name for name in image_names]
+    caption_paths: list[str | None] = [None] * len(paths)
+    if extension:
+        for i, name in enumerate(image_names):
+            caption_name = _caption_file_name(name, extension, names)
+            if caption_name is not None:
+                caption_paths[i] = prefix + caption_name
+    wildcard = subset.enable_wildcard
+    loaded = parallel_map(lambda i: _read_image(paths[i], caption_paths[i], wildcard), range(len(paths)), workers)
     fallback = subset.class_tokens or ""
     entries, uncaptioned = [], []
-    for name, caption_file in zip(image_names, caption_files):
-        path = os.path.join(folder, name)
-        text = texts.get(caption_file) if caption_file else None
-        if isinstance(text, CaptionFileError):
-            report.caption_errors.append(str(text))
-            continue
+    for path, (text, size) in zip(paths, loaded):
         if text is None:
             text = fallback
             if not fallback:
                 uncaptioned.append(path)
-        entries.append((path, text, None))
+        elif isinstance(text, CaptionFileError):
+            report.caption_errors.append(str(text))
+            continue
+        entries.append((path, text, size))
     if uncaptioned:
         report.warnings.append(
             f"{len(uncaptioned)} image(s) in {folder} have no caption file ('<name>{extension}') and the subset "
@@ -189,19 +234,27 @@ def read_metadata_file(path: str) -> list[tuple[str, dict]]:
 
 
 def _resolve_key(key: str, folder: str | None, names: set[str], extensions: Sequence[str]) -> str | None:
-    """Image path of a metadata key: absolute path, ``image_dir/key``, or ``image_dir/<stem><any image ext>``."""
+    """Absolute image path of a metadata key: ``image_dir/key``, ``image_dir/<key><any image ext>``, or an
+    absolute path (with or without its extension).
+
+    Keys that name a file of ``image_dir`` are found in its listing without touching the disk (the usual
+    case: 100k keys cost no ``stat``); only absolute keys and sub-paths are looked up on disk. A file
+    name never contains a path separator, so listing hits and disk lookups cannot disagree.
+    """
+    if folder is not None:
+        prefix = folder if folder.endswith(os.sep) else folder + os.sep
+        if key in names:  # the key with its extension
+            return prefix + key
+        for ext in extensions:
+            for candidate in (key + ext, key + ext.upper()):
+                if candidate in names:
+                    return prefix + candidate
     if os.path.isabs(key):
         if os.path.isfile(key):
-            return key
-        return next((key + ext for ext in extensions if os.path.isfile(key + ext)), None)
-    if folder is None:
-        return None
-    if key in names or os.path.isfile(os.path.join(folder, key)):  # key with its extension (or a sub-path)
-        return os.path.join(folder, key)
-    for ext in extensions:
-        for candidate in (key + ext, key + ext.upper()):
-            if candidate in names:
-                return os.path.join(folder, candidate)
+            return os.path.abspath(key)
+        return next((os.path.abspath(key + ext) for ext in extensions if os.path.isfile(key + ext)), None)
+    if folder is not None and os.path.isfile(os.path.join(folder, key)):  # a sub-path, "./name", or a
+        return os.path.abspath(os.path.join(folder, key))  # name that differs only in case on Windows/macOS
     return None
 
 
@@ -231,7 +284,7 @@ def _scan_fine_tuning(subset: SubsetBlueprint, report: ScanReport) -> list[tuple
         caption = metadata_caption(entry, subset.caption_separator, subset.enable_wildcard)
         empty += not caption
         size = entry.get("image_size")
-        entries.append((os.path.abspath(path), caption, (int(size[0]), int(size[1])) if size else None))
+        entries.append((path, caption, (int(size[0]), int(size[1])) if size else None))
     if missing:
         report.warnings.append(
             f"{len(missing)} key(s) of {subset.metadata_file} match no image (e.g. {missing[0]!r}); skipped. "
@@ -262,11 +315,12 @@ def scan_subset(
         entries = _scan_fine_tuning(subset, report)
     else:  # DreamBooth and mask kinds list the image folder
         entries = _scan_dreambooth(subset, report, workers)
-    unsized = [path for path, _, size in entries if size is None]
-    sizes = dict(zip(unsized, read_sizes(unsized, workers)))
+    unsized = [path for path, _, size in entries if size is None]  # fine-tuning entries without image_size
+    sizes = dict(zip(unsized, read_sizes(unsized, workers))) if unsized else {}
     records = []
     for path, caption, size in entries:
-        size = size or sizes[path]
+        if size is None:
+            size = sizes[path]
         if isinstance(size, str):
             report.unreadable.append((path, size))
         else:

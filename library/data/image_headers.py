@@ -2,20 +2,24 @@
 
 Pillow's ``read_image_size`` costs ~60 µs per small PNG, mostly because asking a PNG for its EXIF
 orientation decodes the whole image. Here PNG (IHDR) and JPEG (SOF marker + EXIF orientation in APP1)
-are parsed directly from one read of the file head; anything unusual (an ``eXIf``/EXIF text chunk
-before the image data, a marker past the bytes read, another format) goes to Pillow, so the answer
-is always the displayed (EXIF-rotated) size that ``read_image_size`` would give.
+are parsed directly from the file head (one 4 KiB ``os.read``, a second up to 64 KiB when needed);
+anything unusual (an ``eXIf``/EXIF text chunk before the image data, a marker past the bytes read,
+another format) goes to Pillow, so the answer is always the displayed (EXIF-rotated) size that
+``read_image_size`` would give.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 from library.data.images import ImageReadError, read_image_size
 
 __all__ = ["fast_image_size", "size_or_reason"]
 
+_FIRST_BYTES = 4096
 _HEAD_BYTES = 65536
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # SOF markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -94,14 +98,28 @@ def _parsed_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _head_size(path: str) -> tuple[int, int] | None:
+    """The size parsed from the file head, or None (unreadable, unusual, or not PNG/JPEG)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return None
+    try:
+        head = os.read(fd, _FIRST_BYTES)  # a small PNG, or a JPEG without a large EXIF block, ends here
+        size = _parsed_size(head)
+        if size is None and len(head) == _FIRST_BYTES:
+            head += os.read(fd, _HEAD_BYTES - _FIRST_BYTES)
+            size = _parsed_size(head)
+        return size
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def fast_image_size(path: str) -> tuple[int, int]:
     """(width, height) as displayed; same answer and same errors as ``read_image_size``."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(_HEAD_BYTES)
-    except OSError:
-        head = b""
-    return _parsed_size(head) or read_image_size(path)
+    return _head_size(path) or read_image_size(path)
 
 
 def size_or_reason(path: str) -> tuple[int, int] | str:

@@ -278,6 +278,73 @@ def random_crop_left_top(resized_size: Size, bucket: Size, rng: np.random.Genera
     )
 
 
+def face_from_name(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """Face box written into a file name by face-crop tools: ``<name>_<cx>_<cy>_<w>_<h>.<ext>``.
+
+    (centre x, centre y, width, height) in pixels of the image, or None when the name does
+    not end in four integer fields or the box is unusable (centre x or size not positive). sd-scripts
+    reads the same fields but stops with an error on non-numbers ("my_cat_on_the_sofa.png").
+    """
+    stem = os.path.splitext(os.path.basename(path))[0]
+    fields = stem.split("_")
+    if len(fields) < 5:
+        return None
+    try:
+        cx, cy, w, h = (int(field) for field in fields[-4:])
+    except ValueError:
+        return None
+    if cx <= 0 or max(w, h) <= 0:  # sd-scripts: face_cx > 0 means "has face info"; a 0-sized face divides by 0
+        return None
+    return cx, cy, w, h
+
+
+def face_crop_window(
+    image_size: Size,
+    target: Size,
+    face: tuple[int, int, int, int],
+    scale_range: tuple[float, float],
+    random_crop: bool,
+    rng: np.random.Generator,
+) -> tuple[Size, Size]:
+    """(resized size, crop left-top) that puts the face near the centre of a ``target`` (w, h) crop.
+
+    sd-scripts' ``crop_target`` with ``face_crop_aug_range = (a, b)``: the image is scaled so that the
+    face's longer side is between 1/b and 1/a of the target's shorter side (never enlarged, never
+    below the size that covers the target), by a random factor in that range; the crop is centred on
+    the face, shifted a little at random when a != b and the face is large (or freely with
+    random_crop), and kept inside the image. Randomness comes from ``rng`` (uniform scale, then the
+    vertical and the horizontal shift). Unlike sd-scripts, an image smaller than the target is
+    enlarged to cover it instead of stopping with an internal error.
+    """
+    width, height = image_size
+    target_w, target_h = target
+    if (width, height) == (target_w, target_h):
+        return (width, height), (0, 0)
+    cx, cy, face_w, face_h = face
+    face_size = max(face_w, face_h)
+    short_side = min(target_w, target_h)
+    cover = max(target_h / height, target_w / width)
+    low = min(1.0, max(cover, short_side / (face_size * scale_range[1])))
+    high = min(1.0, max(low, short_side / (face_size * scale_range[0])))
+    low, high = max(low, cover), max(high, cover)
+    scale = low if low >= high else float(rng.uniform(low, high))
+    resized_w = max(target_w, int(width * scale + 0.5))
+    resized_h = max(target_h, int(height * scale + 0.5))
+    face_x, face_y = int(cx * scale + 0.5), int(cy * scale + 0.5)
+    offsets = []
+    for target_side, length, face_p in ((target_h, resized_h, face_y), (target_w, resized_w, face_x)):
+        start = face_p - target_side // 2
+        if random_crop:
+            # more often near the face, but sometimes far off it, to include background
+            span = max(length - face_p, face_p)
+            start += int(rng.integers(0, span + 1)) + int(rng.integers(0, span + 1)) - span
+        elif scale_range[0] != scale_range[1] and face_size > short_side // 10 and face_size >= 40:
+            start += int(rng.integers(-face_size // 20, face_size // 20 + 1))
+        offsets.append(max(0, min(start, length - target_side)))
+    top, left = offsets
+    return (resized_w, resized_h), (left, top)
+
+
 def resize_and_crop(
     image: np.ndarray,
     resized_size: Size,

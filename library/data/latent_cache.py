@@ -39,10 +39,11 @@ SD_KEYS = ("latents", "original_size", "crop_ltrb", "latents_flipped", "alpha_ma
 STAMP_KEYS = ("image_mtime_ns", "image_file_size")
 VALID = "valid"
 
-LATENT_CACHE_FORBIDS = ("color_aug", "random_crop")
+LATENT_CACHE_FORBIDS = ("color_aug", "random_crop", "face_crop_aug_range")
 LATENT_CACHE_FORBIDS_REASON = (
-    "latents are encoded once before training, so per-step colour augmentation and random crops "
-    "cannot be applied to them: turn color_aug/random_crop off or do not cache latents"
+    "latents are encoded once before training, so per-step colour augmentation, random crops and "
+    "random face-centred crops (face_crop_aug_range) cannot be applied to them: turn "
+    "color_aug/random_crop/face_crop_aug_range off or do not cache latents"
 )
 
 

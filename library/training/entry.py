@@ -20,6 +20,7 @@ def option_problems(args: argparse.Namespace, recipe) -> list[str]:
     from library.training.lr_schedulers import lr_scheduler_option_problems
     from library.training.noise import NoiseSettings, noise_option_problems
     from library.training.optimizers import optimizer_option_problems
+    from library.training.sampling import sampling_option_problems
     from library.training.tracking import tracking_problems
     from library.training.training_args import training_option_problems
 
@@ -28,6 +29,7 @@ def option_problems(args: argparse.Namespace, recipe) -> list[str]:
     problems += optimizer_option_problems(args)
     problems += lr_scheduler_option_problems(args)
     problems += tracking_problems(args)
+    problems += sampling_option_problems(args)
     problems += recipe.option_problems(args)
     if not args.pretrained_model_name_or_path and not args.debug_dataset:
         problems.append("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file, diffusers folder or hub id)")
@@ -56,6 +58,7 @@ def run_recipe(script: str, recipe, argv: list[str] | None = None) -> int:
 
 def _run(script: str, recipe, args: argparse.Namespace) -> int:
     from library.data.pipeline import prepare_datasets, wants_datasets
+    from library.training.sampling import make_sampling_hook
     from library.training.trainer import Trainer, resolve_seed
 
     if not wants_datasets(args):
@@ -79,6 +82,9 @@ def _run(script: str, recipe, args: argparse.Namespace) -> int:
     args.seed = resolve_seed(args)
     group = prepare_datasets(args, script)
     hooks = recipe.hooks(args) if hasattr(recipe, "hooks") else []
+    sampling_hook = make_sampling_hook(args)
+    if sampling_hook is not None:
+        hooks = [*hooks, sampling_hook]
     return Trainer(recipe, args, group, args.seed, hooks).run()
 
 

@@ -148,9 +148,6 @@ class Trainer:
         args = self.args
         accelerator = make_accelerator(args, find_unused_parameters=self.recipe.find_unused_parameters(args))
         self.accelerator = accelerator
-        from accelerate.utils import set_seed
-
-        set_seed(self.seed)  # network initialisation and anything else drawn before the first batch
         parts = self._load_base_model()
         ctx = TrainingContext(args, self.recipe.script, accelerator, parts, self.group, weight_dtype_for(args.mixed_precision), self.seed)
         self.ctx = ctx
@@ -158,6 +155,11 @@ class Trainer:
         parts.unet.requires_grad_(False)
         parts.text_encoder.requires_grad_(False)
         parts.vae.requires_grad_(False)
+        from accelerate.utils import set_seed
+
+        # Seeded right before the recipe builds what trains, so its initial weights depend only on
+        # the seed (not on what loading drew, which differs between single- and multi-process runs).
+        set_seed(self.seed)
         attached = self.recipe.attach(ctx)
         self.attached = attached
         self._place_models(parts, attached)
@@ -190,7 +192,8 @@ class Trainer:
             progress = self._resume(args.resume, schedule)
         self._start_trackers()
         if accelerator.is_main_process:
-            print(f"training: {schedule.describe(accelerator.num_processes, args.gradient_accumulation_steps)}")
+            print(f"training: {schedule.describe(accelerator.num_processes, args.gradient_accumulation_steps)}, "
+                  f"distributed type {accelerator.distributed_type.value}")
         for hook in self.hooks:
             getattr(hook, "at_start", lambda *a: None)(self, progress)
         try:
@@ -369,6 +372,7 @@ class Trainer:
             step_loss += loss.detach().float().item() / group_size
             if not last_micro:
                 continue
+            step_loss = self._mean_over_processes(step_loss)
             self._check_finite_loss(step_loss, progress, epoch)
             self._optimizer_step()
             progress = Progress(progress.global_step + 1, epoch, batch["local_index"] + 1)
@@ -442,10 +446,15 @@ class Trainer:
         if hook is not None:
             hook(self.ctx)
 
+    def _mean_over_processes(self, value: float) -> float:
+        """The step's loss averaged over processes (every process then sees the same number)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(tensor, "mean")[0])
+
     def _check_finite_loss(self, loss: float, progress: Progress, epoch: int) -> None:
-        value = torch.tensor([loss], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            value = self.accelerator.reduce(value, "sum")
+        value = torch.tensor([loss])
         if torch.isfinite(value).all():
             return
         kept = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved in this run"
@@ -521,7 +530,21 @@ class Trainer:
             return max(1, schedule.num_epochs // self.args.save_n_epoch_ratio)
         return self.args.save_every_n_epochs
 
+    def _check_processes_in_sync(self) -> None:
+        """Every process must hold the same trained weights; a launch without gradient sync would not."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in self.trainable]).to(accelerator.device)
+        gathered = accelerator.gather(sums.unsqueeze(0))
+        spread = float((gathered - gathered[0]).abs().max())
+        if spread > 1e-6 * max(1.0, float(gathered.abs().max())):
+            raise RuntimeError(f"the {accelerator.num_processes} processes hold different weights (spread {spread})")
+        if accelerator.is_main_process:
+            print(f"trained weights identical on all {accelerator.num_processes} processes")
+
     def _save_final(self, progress: Progress) -> None:
+        self._check_processes_in_sync()
         args = self.args
         name = final_name(args.output_name)
         self._save(name, progress, state=args.save_state or args.save_state_on_train_end)
