@@ -12,6 +12,7 @@ printed because other processes on the machine make single runs noisy.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -67,7 +68,7 @@ def timed(function):
     return time.perf_counter() - start, result
 
 
-def bench(folder: Path) -> dict[str, float]:
+def bench(folder: Path, readable_check: bool = True) -> dict[str, float]:
     subset = SubsetBlueprint(image_dir=str(folder), caption_extension=".txt", num_repeats=2)
     blueprint = DatasetBlueprint(kind="dreambooth", resolution=(512, 512), batch_size=4, enable_bucket=True,
                                  subsets=(subset,))
@@ -81,7 +82,7 @@ def bench(folder: Path) -> dict[str, float]:
     times["buckets"], _ = timed(lambda: assign_dataset_buckets(blueprint, array))
     times["build (no check)"], group = timed(lambda: build_dataset_group([blueprint], check_readable=False))
     times["plan"], _ = timed(lambda: group.batches_for_epoch(1))
-    times["readable check"], _ = timed(lambda: check_images_readable(paths))
+    times["readable check"], _ = timed(lambda: check_images_readable(paths)) if readable_check else (float("nan"), None)
     return times
 
 
@@ -97,13 +98,15 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--runs", type=int, default=3, help="measurements per count; the median is shown")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "dataset_images")
+    parser.add_argument("--skip_readable_check", action="store_true", help="do not time the full-decode check")
+    parser.add_argument("--json", type=Path, help="also write {count: {stage: seconds}} here")
     args = parser.parse_args()
     results = {}
     load_before = _load_average()
     for count in args.counts:
         seconds, folder = timed(lambda: ensure_images(args.work, count))
         print(f"{count} images ready in {seconds:.1f}s ({folder})", flush=True)
-        runs = [bench(folder) for _ in range(max(1, args.runs))]
+        runs = [bench(folder, not args.skip_readable_check) for _ in range(max(1, args.runs))]
         results[count] = {stage: statistics.median(run[stage] for run in runs) for stage in STAGES}
     print(
         f"\nCPU cores: {os.cpu_count()}; load average before {load_before}, after {_load_average()}; "
@@ -121,6 +124,8 @@ def main() -> None:
         for a, b in ratios:
             row += f"{results[b][stage] / max(results[a][stage], 1e-9):>14.1f}"
         print(row)
+    if args.json:
+        args.json.write_text(json.dumps({"load_average": [load_before, _load_average()], "seconds": results}))
 
 
 if __name__ == "__main__":

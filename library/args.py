@@ -117,6 +117,7 @@ def build_parser(script: str) -> argparse.ArgumentParser:
 
 def add_training_groups(parser: argparse.ArgumentParser, script: str) -> None:
     """The shared training loop's options: schedule, precision, noise/loss, optimizer, LR, outputs, logging."""
+    from library.training.hub import add_hub_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
     from library.training.noise import add_noise_arguments
     from library.training.optimizers import add_optimizer_arguments
@@ -130,6 +131,7 @@ def add_training_groups(parser: argparse.ArgumentParser, script: str) -> None:
     add_output_arguments(parser)
     add_logging_arguments(parser, script)
     add_sampling_arguments(parser)
+    add_hub_arguments(parser)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -198,3 +198,16 @@ def test_metadata_keys_resolve_from_the_listing_and_on_disk(tmp_path):
         "absolute without extension": c, "absolute": a,
     }
     assert any("2 key(s)" in warning for warning in report.warnings)
+
+
+def test_a_caption_file_that_cannot_be_opened_is_listed_not_raised(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "img.png")
+    (folder / "img.txt").mkdir()  # a folder where the caption file should be
+    subset = SubsetBlueprint(image_dir=str(folder), caption_extension=".txt")
+    blueprint = DatasetBlueprint(kind="dreambooth", resolution=(64, 64), batch_size=1, subsets=(subset,))
+    report = ScanReport()
+    assert scan_subset(subset, blueprint, report) == []
+    assert len(report.caption_errors) == 1 and "cannot read caption file" in report.caption_errors[0]
+    assert str(folder / "img.txt") in report.caption_errors[0]

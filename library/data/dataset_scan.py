@@ -174,6 +174,11 @@ def _read_image(
             text = caption_from_bytes(read_small_file(caption_path), caption_path, enable_wildcard)
         except CaptionFileError as error:
             text = error
+        except OSError as error:  # no permission, a folder named like a caption file, ...
+            text = CaptionFileError(
+                f"cannot read caption file {caption_path}: {error.strerror or error}. "
+                "Fix its permissions, or rename/remove it."
+            )
     return text, size_or_reason(path)
 
 

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 def option_problems(args: argparse.Namespace, recipe) -> list[str]:
     """Every problem the options have, found before any data or model is read."""
+    from library.training.hub import hub_option_problems
     from library.training.lr_schedulers import lr_scheduler_option_problems
     from library.training.noise import NoiseSettings, noise_option_problems
     from library.training.optimizers import optimizer_option_problems
@@ -30,6 +31,7 @@ def option_problems(args: argparse.Namespace, recipe) -> list[str]:
     problems += lr_scheduler_option_problems(args)
     problems += tracking_problems(args)
     problems += sampling_option_problems(args)
+    problems += hub_option_problems(args)
     problems += recipe.option_problems(args)
     if not args.pretrained_model_name_or_path and not args.debug_dataset:
         problems.append("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file, diffusers folder or hub id)")
@@ -79,6 +81,10 @@ def _run(script: str, recipe, args: argparse.Namespace) -> int:
         from library.models.attention import check_xformers_usable
 
         check_xformers_usable()
+    if args.resume_from_huggingface:
+        from library.training.hub import download_state
+
+        args.resume = str(download_state(args.resume, token=args.huggingface_token))
     args.seed = resolve_seed(args)
     group = prepare_datasets(args, script)
     hooks = recipe.hooks(args) if hasattr(recipe, "hooks") else []

@@ -141,6 +141,7 @@ class Trainer:
         self.hooks = list(hooks or [])
         self.output_dir = Path(args.output_dir)
         self.last_saved: Path | None = None
+        self.hub = None  # HubUploader on the main process with --huggingface_repo_id
 
     # ------------------------------------------------------------------ setup
 
@@ -196,11 +197,17 @@ class Trainer:
                   f"distributed type {accelerator.distributed_type.value}")
         for hook in self.hooks:
             getattr(hook, "at_start", lambda *a: None)(self, progress)
+        if accelerator.is_main_process:
+            from library.training.hub import HubUploader
+
+            self.hub = HubUploader.from_args(args)
         try:
             with StopRequest() as stop:
                 progress = self._train(schedule, progress, stop)
         finally:
             accelerator.end_training()
+            if self.hub is not None:
+                self.hub.close()
         return 0
 
     def _load_base_model(self):
@@ -568,8 +575,12 @@ class Trainer:
             path = self.recipe.save(self.output_dir, name, self.ctx, progress)
             self.last_saved = path
             logger.info("saved %s", path)
+            if self.hub is not None:
+                self.hub.upload(path, "model")
             if state:
                 self._save_state(self.output_dir / state_folder_name(name), progress)
+                if self.hub is not None and self.args.save_state_to_huggingface:
+                    self.hub.upload(self.output_dir / state_folder_name(name), "state")
         accelerator.wait_for_everyone()
 
     def _save_state(self, folder: Path, progress: Progress) -> None:

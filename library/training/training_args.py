@@ -103,7 +103,7 @@ def training_option_problems(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1")
-    if args.resume and not _is_state_folder(args.resume):
+    if args.resume and not getattr(args, "resume_from_huggingface", False) and not _is_state_folder(args.resume):
         problems.append(
             f"--resume {args.resume}: not a training state folder (expected a folder with train_state.json, "
             "written by --save_state)"
