@@ -75,6 +75,7 @@ class NetworkRecipe:
             args.network_module = DEFAULT_NETWORK_MODULE  # recorded as such in the metadata
             print(f"--network_module not given: using {DEFAULT_NETWORK_MODULE}")
         module = importlib.import_module(args.network_module)
+        _merge_base_weights(args, module, parts)
         kwargs = parse_network_kwargs(args.network_args)
         if args.dim_from_weights:
             network = module.create_network_from_weights(
@@ -166,6 +167,18 @@ class NetworkRecipe:
 
     def hooks(self, args: argparse.Namespace) -> list:
         return []
+
+
+def _merge_base_weights(args: argparse.Namespace, module, parts) -> None:
+    """--base_weights: bake other networks into the frozen base before this one is created."""
+    multipliers = list(args.base_weights_multiplier or [])
+    for i, path in enumerate(args.base_weights or []):
+        multiplier = multipliers[i] if i < len(multipliers) else 1.0
+        network, weights = module.create_network_from_weights(
+            multiplier, path, parts.vae, parts.text_encoder, parts.unet, for_inference=True
+        )
+        network.merge_to(parts.text_encoder, parts.unet, weights)
+        print(f"merged --base_weights {path} (multiplier {multiplier}) into the base model")
 
 
 def _text_encoder_lr(args: argparse.Namespace):

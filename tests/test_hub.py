@@ -230,6 +230,20 @@ def test_a_failing_api_only_warns(saved, caplog):
     assert state.is_dir() and model.is_file()
 
 
+def test_the_real_hfapi_accepts_our_arguments_offline(saved, monkeypatch, tmp_path):
+    """With the real HfApi under HF_HUB_OFFLINE=1 each call fails on the network, not on its arguments."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    model, state = saved
+    uploader = HubUploader.from_args(hub_args("--huggingface_token", "hf_fake"))
+    uploader.upload(model, "model")
+    uploader.upload(state, "state")
+    assert len(uploader.failed) == 2
+    assert all("Offline" in error and "TypeError" not in error for _, error in uploader.failed)
+    with pytest.raises(ResumeError, match="LocalEntryNotFound|Offline"):
+        download_state("you/model/tiny-state:main:model", tmp_path / "local")
+
+
 # ---------------------------------------------------------------- resume download
 
 
@@ -317,7 +331,7 @@ def test_offline_uploads_fail_with_a_warning_and_training_completes(tiny_models,
     out = tmp_path / "out"
     result = run_script(
         "train_network.py",
-        *lora_args(tiny_models["sd1"], data.parent, out, "--max_train_steps", "2", "--save_state",
+        *lora_args(tiny_models["sd1"], data.parent, out, "--max_train_steps", "1", "--save_state",
                    "--huggingface_repo_id", "you/tiny", "--save_state_to_huggingface", "--async_upload"),
         env={"HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": ""},
     )

@@ -104,3 +104,25 @@ def test_config_file_options_and_command_line_wins(tiny_models, data, tmp_path):
     assert meta["ss_steps"] == "2"  # command line beat the file's 5
     assert meta["ss_network_dim"] == "2" and meta["ss_lr_scheduler"] == "linear"
     assert "Lion" in meta["ss_optimizer"]
+
+
+def test_base_weights_are_merged_before_training(tiny_models, data, tmp_path):
+    """A LoRA merged with --base_weights changes the base: training on top starts from another loss."""
+    first = tmp_path / "first"
+    assert_ok(run_script("train_network.py", *lora_args(tiny_models["sd1"], data, first, "--max_train_steps", "3", "--learning_rate", "5e-2")))
+    plain = run_script("train_network.py", *lora_args(tiny_models["sd1"], data, tmp_path / "plain", "--max_train_steps", "1"))
+    merged = run_script(
+        "train_network.py",
+        *lora_args(tiny_models["sd1"], data, tmp_path / "merged", "--max_train_steps", "1", "--base_weights",
+                   str(first / "tiny.safetensors"), "--base_weights_multiplier", "1.0"),
+    )
+    assert_ok(plain)
+    assert_ok(merged)
+    assert "merged --base_weights" in merged.stdout
+
+    def first_loss(result):
+        import re
+
+        return re.search(r"loss=([0-9.]+)", result.stderr).group(1)
+
+    assert first_loss(plain) != first_loss(merged)
