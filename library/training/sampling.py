@@ -399,7 +399,10 @@ class SamplingHook:
                 logger.error("sample images skipped at step %d: %s", progress.global_step, "; ".join(err.problems))
                 prompts = []
             if prompts:
-                written = self._generate(trainer, progress, counter, prompts)
+                try:
+                    written = self._generate(trainer, progress, counter, prompts)
+                except Exception:  # noqa: BLE001 - e.g. out of memory: a long run must not die for a preview
+                    logger.exception("sample images failed at step %d; training goes on", progress.global_step)
         accelerator.wait_for_everyone()
         return written
 
