@@ -126,3 +126,18 @@ def test_base_weights_are_merged_before_training(tiny_models, data, tmp_path):
         return re.search(r"loss=([0-9.]+)", result.stderr).group(1)
 
     assert first_loss(plain) != first_loss(merged)
+
+
+def test_disk_latent_cache_is_written_then_reused(tiny_models, tmp_path):
+    data = dreambooth_folders(tmp_path / "data", count=2)
+    args = ["--max_train_steps", "2", "--cache_latents_to_disk", "--vae_batch_size", "2", "--flip_aug"]
+    first = run_script("train_network.py", *lora_args(tiny_models["sd1"], data, tmp_path / "a", *args))
+    assert_ok(first)
+    caches = sorted((data / "1_sks square").glob("*_0064x0064_sd.npz"))
+    assert len(caches) == 2
+    assert "latents: 2 image(s) encoded, 0 reused from disk" in first.stdout
+    second = run_script("train_network.py", *lora_args(tiny_models["sd1"], data, tmp_path / "b", *args))
+    assert_ok(second)
+    assert "latents: 0 image(s) encoded, 2 reused from disk" in second.stdout
+    a, b = load_file(tmp_path / "a" / "tiny.safetensors"), load_file(tmp_path / "b" / "tiny.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the reused cache holds exactly what was encoded

@@ -28,6 +28,7 @@ from library.data.dataset_scan import (
     ImageRecord,
     ScanReport,
     UnreadableImagesError,
+    face_crop_warnings,
     paused_garbage_collection,
     scan_subset,
 )
@@ -145,16 +146,6 @@ def assign_dataset_buckets(blueprint: DatasetBlueprint, sizes: np.ndarray):
     return assign_buckets(sizes, bucket_set), bucket_set
 
 
-def _unique_buckets(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(buckets, axis=0, return_inverse=True)`` (rows sorted by width, then height), ~20x faster:
-    each (w, h) row is packed into one int64 (w << 32 | h, same order for sides below 2**31)."""
-    if len(buckets) == 0:
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    keys = (buckets[:, 0].astype(np.int64) << 32) | buckets[:, 1].astype(np.int64)
-    unique, inverse = np.unique(keys, return_inverse=True)
-    return np.stack([unique >> 32, unique & 0xFFFFFFFF], axis=1), inverse.reshape(-1)
-
-
 def prepare_dataset(
     blueprint: DatasetBlueprint,
     records_per_subset: Sequence[list[ImageRecord]],
@@ -188,7 +179,11 @@ def prepare_dataset(
     loss_weights = np.where(is_reg, prior_loss_weight, 1.0).astype(np.float32)
 
     assignments, bucket_set = assign_dataset_buckets(blueprint, sizes.reshape(-1, 2))
-    bucket_list, bucket_ids = _unique_buckets(assignments.buckets)
+    # = np.unique(buckets, axis=0, return_inverse=True) (rows by width, then height), ~20x faster: each
+    # (w, h) row packed into one int64, w << 32 | h, which sorts the same for sides below 2**31
+    keys = (assignments.buckets[:, 0].astype(np.int64) << 32) | assignments.buckets[:, 1].astype(np.int64)
+    unique_keys, bucket_ids = np.unique(keys, return_inverse=True)
+    bucket_list = np.stack([unique_keys >> 32, unique_keys & 0xFFFFFFFF], axis=1)
     info = bucket_info_from_arrays(assignments.buckets, repeats, assignments.ar_errors, bucket_set)
     return PreparedDataset(
         blueprint=blueprint,
@@ -211,33 +206,6 @@ def prepare_dataset(
     )
 
 
-def _face_for_crop(d: PreparedDataset, subset: SubsetBlueprint, image: int) -> tuple[int, int, int, int] | None:
-    """The face box to crop around, as sd-scripts: only with face_crop_aug_range, without bucketing,
-    and when the file name carries one (``<name>_<cx>_<cy>_<w>_<h>``)."""
-    if subset.face_crop_aug_range is None or d.blueprint.enable_bucket:
-        return None
-    return face_from_name(d.paths[image])
-
-
-def _face_crop_warnings(blueprint: DatasetBlueprint, records_per_subset: Sequence[list[ImageRecord]]) -> list[str]:
-    """face_crop_aug_range that can do nothing: with bucketing (sd-scripts ignores it then), or no face names."""
-    warnings = []
-    for subset, records in zip(blueprint.subsets, records_per_subset):
-        if subset.face_crop_aug_range is None:
-            continue
-        if blueprint.enable_bucket:
-            warnings.append(
-                f"{subset.origin or subset.image_dir}: face_crop_aug_range has no effect with enable_bucket "
-                "(as in sd-scripts, face crops are made only at a fixed resolution); turn bucketing off to use it"
-            )
-        elif records and not any(face_from_name(record.path) for record in records):
-            warnings.append(
-                f"{subset.origin or subset.image_dir}: face_crop_aug_range is set, but no image name carries a face "
-                "box ('<name>_<cx>_<cy>_<w>_<h>.png'); these images are centre-cropped as usual"
-            )
-    return warnings
-
-
 def _drop_paths(records: list[ImageRecord], bad: set[str]) -> list[ImageRecord]:
     return [record for record in records if record.path not in bad] if bad else records
 
@@ -258,40 +226,26 @@ def build_dataset_group(
     # Scanning allocates a few objects per image and makes no reference cycles; with the collector on,
     # its full passes over every live object (the trainer's imports included) cost ~25% of the build.
     with paused_garbage_collection():
-        return _build_dataset_group(
-            blueprints, prior_loss_weight, seed, skip_unreadable, check_readable, max_train_steps, workers
-        )
-
-
-def _build_dataset_group(
-    blueprints: Sequence[DatasetBlueprint],
-    prior_loss_weight: float,
-    seed: int,
-    skip_unreadable: bool,
-    check_readable: bool,
-    max_train_steps: int | None,
-    workers: int | None,
-) -> "DatasetGroup":
-    report = ScanReport()
-    scanned = [[scan_subset(s, bp, report, workers) for s in bp.subsets] for bp in blueprints]
-    if check_readable:
-        paths = sorted({record.path for per_dataset in scanned for records in per_dataset for record in records})
-        report.unreadable += [(str(path), reason) for path, reason in check_images_readable(paths, workers)]
-    if report.caption_errors or (report.unreadable and not skip_unreadable):
-        raise UnreadableImagesError(report.unreadable, report.caption_errors)
-    if report.unreadable:
-        report.warnings.append(
-            f"--skip_unreadable_images: {len(report.unreadable)} unreadable image(s) left out: "
-            + "; ".join(f"{path} ({reason})" for path, reason in report.unreadable)
-        )
-    bad = {path for path, _ in report.unreadable}
-    for bp, per_dataset in zip(blueprints, scanned):
-        report.warnings += _face_crop_warnings(bp, per_dataset)
-    datasets = [
-        prepare_dataset(bp, [_drop_paths(records, bad) for records in per_dataset], prior_loss_weight, max_train_steps)
-        for bp, per_dataset in zip(blueprints, scanned)
-    ]
-    return DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings (pipeline.py logs them)
+        report = ScanReport()
+        scanned = [[scan_subset(s, bp, report, workers) for s in bp.subsets] for bp in blueprints]
+        if check_readable:
+            paths = sorted({record.path for per_dataset in scanned for records in per_dataset for record in records})
+            report.unreadable += [(str(path), reason) for path, reason in check_images_readable(paths, workers)]
+        if report.caption_errors or (report.unreadable and not skip_unreadable):
+            raise UnreadableImagesError(report.unreadable, report.caption_errors)
+        if report.unreadable:
+            report.warnings.append(
+                f"--skip_unreadable_images: {len(report.unreadable)} unreadable image(s) left out: "
+                + "; ".join(f"{path} ({reason})" for path, reason in report.unreadable)
+            )
+        bad = {path for path, _ in report.unreadable}
+        for bp, per_dataset in zip(blueprints, scanned):
+            report.warnings += face_crop_warnings(bp, per_dataset)
+        datasets = [
+            prepare_dataset(bp, [_drop_paths(records, bad) for records in per_dataset], prior_loss_weight, max_train_steps)
+            for bp, per_dataset in zip(blueprints, scanned)
+        ]
+        return DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings
 
 
 # ---------------------------------------------------------------- the group
@@ -429,8 +383,10 @@ class DatasetGroup:
         self, d: PreparedDataset, image: int, subset: SubsetBlueprint, generator: np.random.Generator, flip: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bucket = (int(d.buckets[image, 0]), int(d.buckets[image, 1]))
-        face = _face_for_crop(d, subset, image)
-        if face is not None:  # scale and crop around the face named in the file name
+        face = None
+        if subset.face_crop_aug_range is not None and not d.blueprint.enable_bucket:  # as sd-scripts
+            face = face_from_name(d.paths[image])  # the box in "<name>_<cx>_<cy>_<w>_<h>.png", if any
+        if face is not None:  # scale and crop around the face
             original = (int(d.sizes[image, 0]), int(d.sizes[image, 1]))
             resized, crop = face_crop_window(
                 original, bucket, face, subset.face_crop_aug_range, subset.random_crop, generator

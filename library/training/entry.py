@@ -40,6 +40,8 @@ def option_problems(args: argparse.Namespace, recipe) -> list[str]:
 
 def run_recipe(script: str, recipe, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # bitsandbytes (imported by diffusers) warns about an optional CPU kernel package on every start.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser(script)
     recipe.add_arguments(parser)
     args = parse_args(parser, argv)
