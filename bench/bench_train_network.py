@@ -71,7 +71,7 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def child_main(json_path: str, train_argv: list[str], cprofile: str | None) -> int:
+def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torch_profile: str | None = None) -> int:
     import resource
 
     import psutil
@@ -169,8 +169,20 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None) -> i
 
         def after_step(self, tr, progress):
             events["step_wall"].append(time.time())
-            if len(events["step_wall"]) == 1:
+            done = len(events["step_wall"])
+            if done == 1:
                 record["rss_after_step1_kib"] = _status_kib("VmRSS")
+            if torch_profile and done == MEASURED_FROM - 1:  # profile steps MEASURED_FROM, MEASURED_FROM + 1
+                events["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                events["profiler"].__enter__()
+            elif torch_profile and done == MEASURED_FROM + 1 and "profiler" in events:
+                events["profiler"].__exit__(None, None, None)
+                averages = events["profiler"].key_averages()
+                with open(torch_profile, "w") as out:
+                    out.write("two training steps, sorted by self CPU time\n")
+                    out.write(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+                    out.write("\n\nsorted by total CPU time\n")
+                    out.write(averages.table(sort_by="cpu_time_total", row_limit=40))
 
         def after_epoch(self, tr, progress):
             pass
@@ -305,11 +317,15 @@ def train_argv(model: Path, data: Path, out: Path, resolution: int, steps: int, 
     ]  # fmt: skip
 
 
-def run_child(argv: list[str], json_path: Path, log_path: Path, cprofile: str | None = None) -> dict:
+def run_child(
+    argv: list[str], json_path: Path, log_path: Path, cprofile: str | None = None, torch_profile: str | None = None
+) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--json", str(json_path)]
     if cprofile:
         command += ["--cprofile", cprofile]
+    if torch_profile:
+        command += ["--torch_profile", torch_profile]
     command += ["--", *argv]
     json_path.unlink(missing_ok=True)
     load_before = load_average()
@@ -388,7 +404,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--work", default=str(RESULTS / "models"), help="where the model files are (built if missing)")
     parser.add_argument("--json", default=str(RESULTS / "train_network.json"))
-    parser.add_argument("--cprofile", help="profile the first run of each configuration into DIR/<name>.prof")
+    parser.add_argument("--cprofile", metavar="DIR", help="cProfile the first run of each configuration into DIR/<name>.prof")
+    parser.add_argument(
+        "--torch_profile", metavar="DIR",
+        help=f"torch.profiler over steps {MEASURED_FROM}-{MEASURED_FROM + 1} of the first run of each configuration: DIR/<name>.txt",
+    )
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -409,11 +429,16 @@ def main() -> None:
                 for repeat in range(args.repeats):
                     out = runs_dir / f"{name}_out"
                     argv = train_argv(path, data, out, RESOLUTION[model], args.steps, VARIANTS[variant])
-                    prof = None
+                    prof = tprof = None
                     if args.cprofile and repeat == 0:
                         Path(args.cprofile).mkdir(parents=True, exist_ok=True)
                         prof = str(Path(args.cprofile) / f"{name}.prof")
-                    r = run_child(argv, runs_dir / f"{name}_{repeat}.json", runs_dir / f"{name}_{repeat}.log", prof)
+                    if args.torch_profile and repeat == 0:
+                        Path(args.torch_profile).mkdir(parents=True, exist_ok=True)
+                        tprof = str(Path(args.torch_profile) / f"{name}.txt")
+                    r = run_child(
+                        argv, runs_dir / f"{name}_{repeat}.json", runs_dir / f"{name}_{repeat}.log", prof, tprof
+                    )
                     r.update(model=model, base=base, variant=variant, repeat=repeat)
                     runs.append(r)
                     print(
@@ -450,7 +475,8 @@ if __name__ == "__main__":
         child.add_argument("--child", action="store_true")
         child.add_argument("--json", required=True)
         child.add_argument("--cprofile")
+        child.add_argument("--torch_profile")
         split = sys.argv.index("--")
         opts = child.parse_args(sys.argv[1:split])
-        sys.exit(child_main(opts.json, sys.argv[split + 1 :], opts.cprofile))
+        sys.exit(child_main(opts.json, sys.argv[split + 1 :], opts.cprofile, opts.torch_profile))
     main()

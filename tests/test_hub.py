@@ -100,6 +100,7 @@ def test_upload_options_need_a_repo_id():
     for name in ("--huggingface_path_in_repo", "--save_state_to_huggingface", "--async_upload", "--huggingface_repo_id"):
         assert name in problems[0]
     assert hub_option_problems(hub_args("--huggingface_path_in_repo", "loras", "--async_upload"), argv=[]) == []
+    assert hub_option_problems(parse("--huggingface_repo_id", ""), argv=[]) == []  # "" = not given (GUI configs)
 
 
 def test_bad_repo_id_and_repo_type_are_reported():
@@ -148,6 +149,7 @@ def test_token_on_the_command_line_with_wandb_warns(caplog):
 
 def test_no_uploader_without_repo_id():
     assert HubUploader.from_args(parse(), api=FakeApi()) is None
+    assert HubUploader.from_args(parse("--huggingface_repo_id", ""), api=FakeApi()) is None
 
 
 def test_uploads_a_model_file_and_a_state_folder(saved):

@@ -230,7 +230,7 @@ def build_dataset_group(
         scanned = [[scan_subset(s, bp, report, workers) for s in bp.subsets] for bp in blueprints]
         if check_readable:
             paths = sorted({record.path for per_dataset in scanned for records in per_dataset for record in records})
-            report.unreadable += [(str(path), reason) for path, reason in check_images_readable(paths, workers)]
+            report.unreadable += [(str(p), reason) for p, reason in check_images_readable(paths, workers)]
         if report.caption_errors or (report.unreadable and not skip_unreadable):
             raise UnreadableImagesError(report.unreadable, report.caption_errors)
         if report.unreadable:
@@ -242,7 +242,9 @@ def build_dataset_group(
         for bp, per_dataset in zip(blueprints, scanned):
             report.warnings += face_crop_warnings(bp, per_dataset)
         datasets = [
-            prepare_dataset(bp, [_drop_paths(records, bad) for records in per_dataset], prior_loss_weight, max_train_steps)
+            prepare_dataset(
+                bp, [_drop_paths(records, bad) for records in per_dataset], prior_loss_weight, max_train_steps
+            )
             for bp, per_dataset in zip(blueprints, scanned)
         ]
         return DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings

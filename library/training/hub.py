@@ -107,8 +107,8 @@ def hub_option_problems(args: argparse.Namespace, argv: list[str] | None = None)
     """
     problems = []
     repo_id = args.huggingface_repo_id
-    if repo_id is not None:
-        if not repo_id.strip() or repo_id.count("/") > 1 or any(not p for p in repo_id.split("/")):
+    if repo_id:  # "" (as some GUIs write) counts as not given
+        if repo_id.count("/") > 1 or any(not p.strip() for p in repo_id.split("/")):
             problems.append(f"--huggingface_repo_id {repo_id!r}: expected owner/name (or name)")
     else:
         needs_repo = [
