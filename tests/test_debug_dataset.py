@@ -70,7 +70,7 @@ def test_cache_latents_with_color_aug_is_refused_before_loading(tmp_path):
     train = make_folder(tmp_path)
     result = run_train_network(
         tmp_path, "--train_data_dir", str(train), "--resolution", "64", "--cache_latents", "--color_aug",
-        "--pretrained_model_name_or_path", str(tmp_path / "not_loaded_yet.safetensors"),
+        "--pretrained_model_name_or_path", str(tmp_path / "not_loaded_yet.safetensors"), "--output_dir", str(tmp_path / "out"),
     )
     assert result.returncode == 1
     assert "color_aug" in result.stderr and "--cache_latents" in result.stderr

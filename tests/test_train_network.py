@@ -157,6 +157,39 @@ def test_cache_text_encoder_outputs_refused_when_the_text_encoder_trains(tiny_mo
     assert "--cache_text_encoder_outputs" in result.stderr and "--network_train_unet_only" in result.stderr
 
 
+def two_process_launcher() -> list[str]:
+    import os
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    return [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(29600 + random.randrange(300)),
+        "--num_cpu_threads_per_process", "1",
+    ]
+
+
+def test_two_process_run_resumes_exactly(tiny_models, data, tmp_path):
+    """A 2-process state saved mid-run, resumed with 2 processes, ends where the straight run ends."""
+    env = {"ACCELERATE_USE_CPU": "1"}
+    common = ["--max_train_steps", "4", "--lr_scheduler", "linear"]
+    straight = tmp_path / "straight"
+    assert_ok(run_script(
+        "train_network.py", *lora_args(tiny_models["sd1"], data, straight, *common, "--save_every_n_steps", "1", "--save_state"),
+        launcher=two_process_launcher(), env=env,
+    ))
+    state = straight / "tiny-step00000001-state"
+    assert json.loads((state / "train_state.json").read_text())["num_processes"] == 2
+    resumed = tmp_path / "resumed"
+    result = run_script(
+        "train_network.py", *lora_args(tiny_models["sd1"], data, resumed, *common, "--resume", str(state)),
+        launcher=two_process_launcher(), env=env,
+    )
+    assert_ok(result)
+    assert "resumed from" in result.stdout and "2 process(es)" in result.stdout
+    assert max_diff(load_file(straight / "tiny.safetensors"), load_file(resumed / "tiny.safetensors")) <= 1e-6
+
+
 def test_two_processes_match_one_process_with_accumulation(tiny_models, data, tmp_path):
     """2 CPU processes (gloo DDP), batch 1 each == 1 process with 2 accumulated batches per step.
 
