@@ -404,6 +404,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--work", default=str(RESULTS / "models"), help="where the model files are (built if missing)")
     parser.add_argument("--json", default=str(RESULTS / "train_network.json"))
+    parser.add_argument("--append", action="store_true", help="keep the other configurations already in --json")
     parser.add_argument("--cprofile", metavar="DIR", help="cProfile the first run of each configuration into DIR/<name>.prof")
     parser.add_argument(
         "--torch_profile", metavar="DIR",
@@ -448,23 +449,24 @@ def main() -> None:
                     )
                 all_runs += runs
                 rows.append(summarize({"model": model, "base": base, "variant": variant}, runs))
-    table = format_table(rows)
+    for row in rows:
+        row["date"] = time.strftime("%Y-%m-%d %H:%M")
+        row["steps"] = args.steps
+    json_path = Path(args.json)
+    if args.append and json_path.is_file():
+        # keep the other configurations of an earlier invocation; these replace their own
+        old = json.loads(json_path.read_text(encoding="utf-8"))
+        mine = {(r["model"], r["base"], r["variant"]) for r in rows}
+        rows = [r for r in old["summary"] if (r["model"], r["base"], r["variant"]) not in mine] + rows
+        all_runs = [r for r in old["runs"] if (r["model"], r["base"], r["variant"]) not in mine] + all_runs
+        order = {(m, b, v): i for i, (m, b, v) in enumerate(
+            (m, b, v) for m in ("sd15", "tiny") for b in ("file", "folder") for v in VARIANTS)}
+        rows.sort(key=lambda r: order[r["model"], r["base"], r["variant"]])
     print()
-    print(table)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "cpus": os.cpu_count(),
-                "steps": args.steps,
-                "repeats": args.repeats,
-                "summary": rows,
-                "runs": all_runs,
-            },
-            indent=1,
-        ),
-        encoding="utf-8",
+    print(format_table(rows))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(
+        json.dumps({"cpus": os.cpu_count(), "summary": rows, "runs": all_runs}, indent=1), encoding="utf-8"
     )
     print(f"\nwrote {args.json}")
 

@@ -138,9 +138,13 @@ def test_missing_path_and_wrong_file_are_explained(tmp_path):
 
 def test_hub_id_offline_fails_with_one_clear_sentence(tmp_path):
     # a fresh process, so huggingface_hub reads HF_HUB_OFFLINE and the empty cache at import
+    from tests.training_helpers import dreambooth_folders
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
-        [sys.executable, "train_network.py", "--pretrained_model_name_or_path", "someone/some-sd-model"],
+        [sys.executable, "train_network.py", "--pretrained_model_name_or_path", "someone/some-sd-model",
+         "--train_data_dir", str(dreambooth_folders(tmp_path, count=1)), "--resolution", "64",
+         "--output_dir", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env=env,
