@@ -71,6 +71,20 @@ def _status_kib(field: str) -> int:
     return 0
 
 
+def _schedstat() -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU), summed over this process's threads."""
+    on_cpu = waiting = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as file:
+                fields = file.read().split()
+        except OSError:  # a thread that just ended
+            continue
+        on_cpu += int(fields[0])
+        waiting += int(fields[1])
+    return on_cpu / 1e9, waiting / 1e9
+
+
 def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torch_profile: str | None = None) -> int:
     import resource
 
@@ -85,7 +99,7 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
         "interpreter_start_s": _T0_WALL - create_time,
         "argv": train_argv,
     }
-    events: dict = {"step_wall": [], "hash_calls_wall": [], "te_calls": [], "unet_fwd": []}
+    events: dict = {"step_wall": [], "step_sched": [], "hash_calls_wall": [], "te_calls": [], "unet_fwd": []}
 
     import torch
 
@@ -135,6 +149,7 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
     class TimingHook:
         def at_start(self, tr, progress):
             events["start_wall"] = time.time()
+            events["start_sched"] = _schedstat()
             parts = tr.ctx.parts
             network = tr.recipe.network
             record["unet_lora_modules"] = len(network.unet_loras)
@@ -169,6 +184,7 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
 
         def after_step(self, tr, progress):
             events["step_wall"].append(time.time())
+            events["step_sched"].append(_schedstat())
             done = len(events["step_wall"])
             if done == 1:
                 record["rss_after_step1_kib"] = _status_kib("VmRSS")
@@ -221,6 +237,11 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
         first_step_wall = steps[0]
         record["hashed_before_step1"] = any(s < first_step_wall for s, _, _ in events["hash_calls_wall"])
         record["hash_s"] = sum(e - s for s, e, _ in events["hash_calls_wall"])
+        sched = [events["start_sched"], *events["step_sched"]]
+        record["step_cpu_s"] = [b[0] - a[0] for a, b in zip(sched, sched[1:])]
+        record["step_runqueue_wait_s"] = [b[1] - a[1] for a, b in zip(sched, sched[1:])]
+        record["cpu_s_per_step"] = statistics.median(record["step_cpu_s"][MEASURED_FROM - 1 :])
+        record["runqueue_wait_s_per_step"] = statistics.median(record["step_runqueue_wait_s"][MEASURED_FROM - 1 :])
         te = [t for step, t in events["te_calls"] if step >= MEASURED_FROM]
         un = [t for step, t in events["unet_fwd"] if step >= MEASURED_FROM]
         n = max(1, len(timed))
@@ -231,6 +252,7 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
     record["ru_maxrss_self_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     record["ru_maxrss_children_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     record["vmhwm_kib"] = _status_kib("VmHWM")
+    record["major_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     Path(json_path).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return rc
 
@@ -356,6 +378,7 @@ SUMMARY_KEYS = [
     "s_per_step", "first_step_begins_s", "first_step_ends_s", "wait4_maxrss_kib", "vmhwm_kib",
     "ru_maxrss_children_kib", "hwm_after_load_kib", "load_s", "latent_cache_s", "imports_done_s",
     "te_s_per_step", "unet_forward_s_per_step", "hash_s", "after_last_step_to_exit_s", "total_s",
+    "cpu_s_per_step", "runqueue_wait_s_per_step",
 ]  # fmt: skip
 
 
@@ -365,6 +388,8 @@ def summarize(label: dict, runs: list[dict]) -> dict:
     for key in SUMMARY_KEYS:
         out[key] = median_of(runs, key)
     out["s_per_step_range"] = [min(r["s_per_step"] for r in runs), max(r["s_per_step"] for r in runs)]
+    # the fastest timed step of all runs: the least disturbed by other processes on a shared machine
+    out["fastest_step_s"] = min(min(r["step_s"][MEASURED_FROM - 1 :]) for r in runs)
     out["unet_lora_modules"] = runs[0]["unet_lora_modules"]
     out["te_calls_timed_steps"] = runs[0]["te_calls_timed_steps"]
     out["hashed_before_step1"] = any(r["hashed_before_step1"] for r in runs)
@@ -372,27 +397,46 @@ def summarize(label: dict, runs: list[dict]) -> dict:
     return out
 
 
+def _num(value, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def format_table(rows: list[dict]) -> str:
     gib = 2**20
     head = (
-        "| model | base | variant | s/step (range) | step 1 begins / ends (s) | peak RSS GiB (children) "
-        "| load s | latent cache s | TE fwd s/step (calls) | U-Net fwd s/step | U-Net LoRA | hashed before step 1 "
+        "| model | base | variant | s/step (range) | CPU s/step (run-queue wait s) | step 1 begins / ends (s) | peak RSS GiB (children) "
+        "| fastest step s | load s | latent cache s | TE fwd s/step (calls) | U-Net fwd s/step | U-Net LoRA | hashed before step 1 "
         "| final save+hash s | load avg (1 min) |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
         lo, hi = r["s_per_step_range"]
         lines.append(
             f"| {r['model']} | {r['base']} | {r['variant']} | {r['s_per_step']:.3f} ({lo:.3f}–{hi:.3f}) "
+            f"| {_num(r.get('cpu_s_per_step'), 2)} ({_num(r.get('runqueue_wait_s_per_step'), 2)}) "
             f"| {r['first_step_begins_s']:.1f} / {r['first_step_ends_s']:.1f} "
             f"| {r['wait4_maxrss_kib'] / gib:.2f} ({r['ru_maxrss_children_kib'] / gib:.2f}) "
-            f"| {r['load_s']:.1f} | {r['latent_cache_s']:.2f} "
+            f"| {r['fastest_step_s']:.2f} | {r['load_s']:.1f} | {r['latent_cache_s']:.2f} "
             f"| {r['te_s_per_step']:.3f} ({r['te_calls_timed_steps']}) | {r['unet_forward_s_per_step']:.3f} "
             f"| {r['unet_lora_modules']} | {'yes' if r['hashed_before_step1'] else 'no'} "
             f"| {r['after_last_step_to_exit_s']:.1f} (hash {r['hash_s']:.1f}) "
             f"| {', '.join(a.split()[0] for a in r['load_averages'])} |"
         )
     return "\n".join(lines)
+
+
+def print_saved_table(json_path: Path) -> None:
+    saved = json.loads(json_path.read_text(encoding="utf-8"))
+    rows = []
+    for old in saved["summary"]:
+        key = (old["model"], old["base"], old["variant"])
+        runs = [r for r in saved["runs"] if (r["model"], r["base"], r["variant"]) == key]
+        row = summarize({"model": key[0], "base": key[1], "variant": key[2]}, runs)
+        row.update(date=old.get("date"), steps=old.get("steps"))
+        rows.append(row)
+    print(format_table(rows))
+    for row in rows:
+        print(f"{row['model']} {row['base']} {row['variant']}: {row['date']}, load averages {row['load_averages']}")
 
 
 def main() -> None:
@@ -410,7 +454,11 @@ def main() -> None:
         "--torch_profile", metavar="DIR",
         help=f"torch.profiler over steps {MEASURED_FROM}-{MEASURED_FROM + 1} of the first run of each configuration: DIR/<name>.txt",
     )
+    parser.add_argument("--table_only", action="store_true", help="print the table of the runs already in --json")
     args = parser.parse_args()
+    if args.table_only:
+        print_saved_table(Path(args.json))
+        return
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -457,7 +505,14 @@ def main() -> None:
         # keep the other configurations of an earlier invocation; these replace their own
         old = json.loads(json_path.read_text(encoding="utf-8"))
         mine = {(r["model"], r["base"], r["variant"]) for r in rows}
-        rows = [r for r in old["summary"] if (r["model"], r["base"], r["variant"]) not in mine] + rows
+        kept = []
+        for row in old["summary"]:
+            key = (row["model"], row["base"], row["variant"])
+            if key not in mine:  # summarized again: older files may lack newer columns
+                runs = [r for r in old["runs"] if (r["model"], r["base"], r["variant"]) == key]
+                kept.append({**summarize({"model": key[0], "base": key[1], "variant": key[2]}, runs),
+                             "date": row.get("date"), "steps": row.get("steps")})
+        rows = kept + rows
         all_runs = [r for r in old["runs"] if (r["model"], r["base"], r["variant"]) not in mine] + all_runs
         order = {(m, b, v): i for i, (m, b, v) in enumerate(
             (m, b, v) for m in ("sd15", "tiny") for b in ("file", "folder") for v in VARIANTS)}

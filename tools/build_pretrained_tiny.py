@@ -359,7 +359,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_images", type=int, default=20000)
     parser.add_argument("--vae_steps", type=int, default=2500)
     parser.add_argument("--vae_batch", type=int, default=24)
-    parser.add_argument("--vae_lr", type=float, default=1e-3)
+    parser.add_argument("--vae_lr", type=float, default=2e-3)
+    parser.add_argument("--vae_crop", type=int, default=64, help="train the VAE on random crops of this size (multiple of 8)")
+    parser.add_argument("--vae_from", default=None, help="reuse a VAE saved by an earlier build (its work folder) instead of training one")
+    parser.add_argument("--work_dir", default="bench/results/pretrained_tiny/work", help="where the trained VAE is kept for --vae_from")
     parser.add_argument("--kl_weight", type=float, default=1e-4)
     parser.add_argument("--unet_steps", type=int, default=4000)
     parser.add_argument("--unet_batch", type=int, default=64)
@@ -396,8 +399,16 @@ def main(argv=None) -> int:
     log(f"rendered {len(images)} training images ({len({s.caption for s in specs})} captions) in {timings['data']:.1f}s")
 
     t0 = time.perf_counter()
-    vae = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed, log)
-    standardize_latents(vae, images[:4000], log)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+        log(f"VAE reused from {args.vae_from}")
+    else:
+        vae = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed, log, crop=args.vae_crop)
+        standardize_latents(vae, images[:4000], log)
+        if args.work_dir:
+            vae.save_pretrained(str(Path(args.work_dir) / "vae"))
     vae_report = reconstruction_report(vae, check_images, check_specs, log)
     timings["vae"] = time.perf_counter() - t0
 

@@ -41,6 +41,13 @@ from library.training.checkpoints import (
     step_name,
     step_to_prune,
 )
+from library.training.diffusion_step import (
+    DiffusionStep,
+    DiffusionTrainingModel,
+    place_module,
+    vae_dtype_for,
+    weight_dtype_for,
+)
 from library.training.interrupts import StopRequest
 from library.training.schedule import Schedule, batch_seed, micro_batch_group, plan_schedule
 
@@ -82,25 +89,6 @@ class TrainingContext:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
-
-
-class DiffusionTrainingModel(torch.nn.Module):
-    """What DDP wraps: captions -> conditioning -> U-Net prediction, plus the recipe's trained module
-    (registered so its parameters are found, used through hooks inside the U-Net / text encoder)."""
-
-    def __init__(self, unet: torch.nn.Module, conditioner: torch.nn.Module, trained: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-        self.conditioner = conditioner
-        self.trained = trained
-
-    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        hidden = self.conditioner(captions)
-        return self.unet(noisy_latents, timesteps, hidden.to(noisy_latents.dtype)).sample
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def make_accelerator(args: argparse.Namespace, find_unused_parameters: bool = False):
@@ -165,6 +153,12 @@ class Trainer:
         self.attached = attached
         self._place_models(parts, attached)
         self.noise_scheduler = self._training_noise_scheduler(parts)
+        from library.training.noise import NoiseSettings
+
+        self.step = DiffusionStep(
+            self.noise_scheduler, parts.vae, NoiseSettings.from_args(args), accelerator.device,
+            ctx.weight_dtype, self._vae_dtype(),
+        )
 
         schedule = plan_schedule(
             self.group.num_batches_per_epoch,
@@ -232,7 +226,7 @@ class Trainer:
         from library.data.latent_cache import cache_latents
 
         vae = parts.vae
-        _place(vae, accelerator.device, self._vae_dtype())
+        place_module(vae, accelerator.device, self._vae_dtype())
         subsets = [s for d in self.group.datasets for s in d.blueprint.subsets]
         items = self.group.cache_items()
         # Disk caches: the main process writes, the others then find valid files and read them.
@@ -257,19 +251,18 @@ class Trainer:
             print(f"latents: {result.encoded} image(s) encoded, {result.reused} reused from disk")
 
     def _vae_dtype(self) -> torch.dtype:
-        # fp16 VAE encodes can overflow; bf16 is safe and saves memory.
-        return torch.bfloat16 if self.args.mixed_precision == "bf16" else torch.float32
+        return vae_dtype_for(self.args.mixed_precision)
 
     def _place_models(self, parts, attached: Attached) -> None:
         """Frozen weights live in the compute dtype; trained ones in fp32 unless --full_fp16/bf16."""
         args, device = self.args, self.accelerator.device
         weight_dtype = self.ctx.weight_dtype
-        _place(parts.unet, device, torch.float32 if attached.unet_weights_train else weight_dtype)
-        _place(parts.text_encoder, device, torch.float32 if attached.text_encoder_weights_train else weight_dtype)
+        place_module(parts.unet, device, torch.float32 if attached.unet_weights_train else weight_dtype)
+        place_module(parts.text_encoder, device, torch.float32 if attached.text_encoder_weights_train else weight_dtype)
         if self.group.uses_cached_latents:
             parts.vae.to("cpu")  # only needed again for sample images
         else:
-            _place(parts.vae, device, self._vae_dtype())
+            place_module(parts.vae, device, self._vae_dtype())
         trained_dtype = torch.float32
         if args.full_fp16:
             trained_dtype = torch.float16
@@ -404,42 +397,8 @@ class Trainer:
         return progress
 
     def _batch_loss(self, batch: dict, epoch: int) -> torch.Tensor:
-        from library.training.noise import NoiseSettings, noisy_latents, per_sample_loss, sample_noise, sample_timesteps, training_target
-
-        args, device = self.args, self.accelerator.device
         seed = batch_seed(self.seed, epoch, batch["batch_index"])
-        torch.manual_seed(seed)  # dropout and anything else drawing from the global stream
-        generator = torch.Generator().manual_seed(seed)
-        settings = NoiseSettings.from_args(args)
-        latents = self._latents(batch, generator)
-        noise = sample_noise(latents, settings, generator)
-        timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps, settings, generator, device)
-        noisy = noisy_latents(self.noise_scheduler, latents, noise, timesteps, settings, generator)
-        with self.accelerator.autocast():
-            prediction = self.model(noisy.to(self.ctx.weight_dtype), timesteps, batch["captions"])
-        target = training_target(self.noise_scheduler, latents, noise, timesteps, args.v_parameterization)
-        mask = self._loss_mask(batch, latents)
-        weights = batch["loss_weights"].to(device)
-        return per_sample_loss(prediction.float(), target.float(), timesteps, self.noise_scheduler, settings, weights, mask).mean()
-
-    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        device = self.accelerator.device
-        vae = self.ctx.parts.vae
-        if "latents" in batch:
-            latents = batch["latents"].to(device, torch.float32)
-        else:
-            with torch.no_grad():
-                pixels = batch["images"].to(device, dtype=self._vae_dtype())
-                latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
-        return latents * vae.config.scaling_factor
-
-    @staticmethod
-    def _loss_mask(batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
-        masks = batch.get("alpha_masks")
-        if masks is None:
-            return None
-        masks = masks.to(latents.device, torch.float32).unsqueeze(1)
-        return torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="area")
+        return self.step.loss(self.model, batch, seed, self.accelerator.autocast)
 
     def _optimizer_step(self) -> None:
         args, accelerator = self.args, self.accelerator
@@ -612,13 +571,6 @@ class Trainer:
     def _prune_state(self, name: str) -> None:
         if self.accelerator.is_main_process:
             remove_output(self.output_dir / state_folder_name(name))
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move, and cast only when the dtype differs (diffusers warns on every cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
 
 
 def resolve_seed(args: argparse.Namespace) -> int:
