@@ -189,7 +189,9 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
             if done == 1:
                 record["rss_after_step1_kib"] = _status_kib("VmRSS")
             if torch_profile and done == MEASURED_FROM - 1:  # profile steps MEASURED_FROM, MEASURED_FROM + 1
-                events["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                events["profiler"] = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True
+                )
                 events["profiler"].__enter__()
             elif torch_profile and done == MEASURED_FROM + 1 and "profiler" in events:
                 events["profiler"].__exit__(None, None, None)
@@ -199,6 +201,9 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
                     out.write(averages.table(sort_by="self_cpu_time_total", row_limit=40))
                     out.write("\n\nsorted by total CPU time\n")
                     out.write(averages.table(sort_by="cpu_time_total", row_limit=40))
+                    out.write("\n\nby call site (5 Python frames), sorted by number of calls\n")
+                    by_stack = events["profiler"].key_averages(group_by_stack_n=5)
+                    out.write(by_stack.table(sort_by="count", row_limit=40))
 
         def after_epoch(self, tr, progress):
             pass
@@ -262,6 +267,31 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
 
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _cpu_busy(seconds: float) -> float:
+    """Fraction of all CPUs busy over the next `seconds` (from /proc/stat)."""
+
+    def snap():
+        with open("/proc/stat") as file:
+            values = [int(v) for v in file.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    idle0, total0 = snap()
+    time.sleep(seconds)
+    idle1, total1 = snap()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_idle(max_wait: float, threshold: float = 0.15, window: float = 5.0, needed: int = 3) -> dict:
+    """Wait (at most max_wait s) until the CPUs were less than `threshold` busy for `needed` windows in a row."""
+    start, quiet, busy = time.perf_counter(), 0, 1.0
+    while True:
+        busy = _cpu_busy(window)
+        quiet = quiet + 1 if busy < threshold else 0
+        waited = time.perf_counter() - start
+        if quiet >= needed or waited >= max_wait:
+            return {"waited_s": waited, "busy_before": busy, "idle_reached": quiet >= needed}
 
 
 def write_dataset(folder: Path, size: int, count: int = 12) -> Path:
@@ -340,7 +370,8 @@ def train_argv(model: Path, data: Path, out: Path, resolution: int, steps: int, 
 
 
 def run_child(
-    argv: list[str], json_path: Path, log_path: Path, cprofile: str | None = None, torch_profile: str | None = None
+    argv: list[str], json_path: Path, log_path: Path, cprofile: str | None = None, torch_profile: str | None = None,
+    wait_idle: float = 0, nice: int = 0,
 ) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--json", str(json_path)]
@@ -350,10 +381,12 @@ def run_child(
         command += ["--torch_profile", torch_profile]
     command += ["--", *argv]
     json_path.unlink(missing_ok=True)
+    idle = wait_for_idle(wait_idle) if wait_idle > 0 else {}
     load_before = load_average()
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        preexec = (lambda: os.nice(nice)) if nice else None
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
         # wait4: the rusage of this child alone (ru_maxrss in KiB on Linux)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -364,6 +397,8 @@ def run_child(
     record = json.loads(json_path.read_text())
     record["wait4_maxrss_kib"] = usage.ru_maxrss
     record["wall_s"] = wall
+    record.update(idle)
+    record["nice"] = nice
     record["load_before"] = load_before
     record["load_after"] = load_average()
     return record
@@ -394,6 +429,7 @@ def summarize(label: dict, runs: list[dict]) -> dict:
     out["te_calls_timed_steps"] = runs[0]["te_calls_timed_steps"]
     out["hashed_before_step1"] = any(r["hashed_before_step1"] for r in runs)
     out["load_averages"] = [r["load_before"] for r in runs]
+    out["busy_before"] = [r.get("busy_before") for r in runs]
     return out
 
 
@@ -401,18 +437,24 @@ def _num(value, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _load_note(load: str, busy) -> str:
+    return load.split()[0] + ("" if busy is None else f" ({busy:.0%})")
+
+
 def format_table(rows: list[dict]) -> str:
     gib = 2**20
     head = (
         "| model | base | variant | s/step (range) | CPU s/step (run-queue wait s) | step 1 begins / ends (s) | peak RSS GiB (children) "
         "| fastest step s | load s | latent cache s | TE fwd s/step (calls) | U-Net fwd s/step | U-Net LoRA | hashed before step 1 "
-        "| final save+hash s | load avg (1 min) |"
+        "| final save+hash s | load avg 1 min (CPU busy before) |"
     )
     lines = [head, "|" + "---|" * 16]
     for r in rows:
         lo, hi = r["s_per_step_range"]
+        priority = f" (nice {r['nice']})" if r.get("nice") else ""
         lines.append(
-            f"| {r['model']} | {r['base']} | {r['variant']} | {r['s_per_step']:.3f} ({lo:.3f}–{hi:.3f}) "
+            f"| {r['model']} | {r['base']} | {r['variant']}{priority} "
+            f"| {r['s_per_step']:.3f} ({lo:.3f}–{hi:.3f}) "
             f"| {_num(r.get('cpu_s_per_step'), 2)} ({_num(r.get('runqueue_wait_s_per_step'), 2)}) "
             f"| {r['first_step_begins_s']:.1f} / {r['first_step_ends_s']:.1f} "
             f"| {r['wait4_maxrss_kib'] / gib:.2f} ({r['ru_maxrss_children_kib'] / gib:.2f}) "
@@ -420,18 +462,26 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['te_s_per_step']:.3f} ({r['te_calls_timed_steps']}) | {r['unet_forward_s_per_step']:.3f} "
             f"| {r['unet_lora_modules']} | {'yes' if r['hashed_before_step1'] else 'no'} "
             f"| {r['after_last_step_to_exit_s']:.1f} (hash {r['hash_s']:.1f}) "
-            f"| {', '.join(a.split()[0] for a in r['load_averages'])} |"
+            f"| {', '.join(_load_note(a, b) for a, b in zip(r['load_averages'], r.get('busy_before') or [None] * r['runs']))} |"
         )
     return "\n".join(lines)
+
+
+def config_key(r: dict) -> tuple:
+    return r["model"], r["base"], r["variant"], r.get("nice", 0)
+
+
+def config_label(key: tuple) -> dict:
+    return {"model": key[0], "base": key[1], "variant": key[2], "nice": key[3]}
 
 
 def print_saved_table(json_path: Path) -> None:
     saved = json.loads(json_path.read_text(encoding="utf-8"))
     rows = []
     for old in saved["summary"]:
-        key = (old["model"], old["base"], old["variant"])
-        runs = [r for r in saved["runs"] if (r["model"], r["base"], r["variant"]) == key]
-        row = summarize({"model": key[0], "base": key[1], "variant": key[2]}, runs)
+        key = config_key(old)
+        runs = [r for r in saved["runs"] if config_key(r) == key]
+        row = summarize(config_label(key), runs)
         row.update(date=old.get("date"), steps=old.get("steps"))
         rows.append(row)
     print(format_table(rows))
@@ -453,6 +503,14 @@ def main() -> None:
     parser.add_argument(
         "--torch_profile", metavar="DIR",
         help=f"torch.profiler over steps {MEASURED_FROM}-{MEASURED_FROM + 1} of the first run of each configuration: DIR/<name>.txt",
+    )
+    parser.add_argument(
+        "--wait_idle", type=float, default=0, metavar="S",
+        help="before each run, wait up to S seconds until the CPUs are <15%% busy for 15 s (shared machines)",
+    )
+    parser.add_argument(
+        "--nice", type=int, default=0,
+        help="run the training processes at this niceness (e.g. -10, needs root): a larger CPU share on a shared machine",
     )
     parser.add_argument("--table_only", action="store_true", help="print the table of the runs already in --json")
     args = parser.parse_args()
@@ -486,17 +544,21 @@ def main() -> None:
                         Path(args.torch_profile).mkdir(parents=True, exist_ok=True)
                         tprof = str(Path(args.torch_profile) / f"{name}.txt")
                     r = run_child(
-                        argv, runs_dir / f"{name}_{repeat}.json", runs_dir / f"{name}_{repeat}.log", prof, tprof
+                        argv, runs_dir / f"{name}_{repeat}.json", runs_dir / f"{name}_{repeat}.log", prof, tprof,
+                        args.wait_idle, args.nice,
                     )
-                    r.update(model=model, base=base, variant=variant, repeat=repeat)
+                    r.update(model=model, base=base, variant=variant, repeat=repeat, nice=args.nice)
                     runs.append(r)
                     print(
-                        f"{name} #{repeat + 1}: {r['s_per_step']:.3f} s/step, step 1 ends at {r['first_step_ends_s']:.1f} s, "
-                        f"peak {r['wait4_maxrss_kib'] / 2**20:.2f} GiB, load avg {r['load_before']} -> {r['load_after']}",
+                        f"{name} #{repeat + 1}: {r['s_per_step']:.3f} s/step (fastest {min(r['step_s'][MEASURED_FROM - 1:]):.2f}, "
+                        f"run-queue wait {r['runqueue_wait_s_per_step']:.2f} s/step), step 1 ends at "
+                        f"{r['first_step_ends_s']:.1f} s, peak {r['wait4_maxrss_kib'] / 2**20:.2f} GiB, "
+                        f"load avg {r['load_before']} -> {r['load_after']}"
+                        + (f", waited {r['waited_s']:.0f} s for idle (busy {r['busy_before']:.2f})" if "waited_s" in r else ""),
                         flush=True,
                     )
                 all_runs += runs
-                rows.append(summarize({"model": model, "base": base, "variant": variant}, runs))
+                rows.append(summarize(config_label((model, base, variant, args.nice)), runs))
     for row in rows:
         row["date"] = time.strftime("%Y-%m-%d %H:%M")
         row["steps"] = args.steps
@@ -504,19 +566,19 @@ def main() -> None:
     if args.append and json_path.is_file():
         # keep the other configurations of an earlier invocation; these replace their own
         old = json.loads(json_path.read_text(encoding="utf-8"))
-        mine = {(r["model"], r["base"], r["variant"]) for r in rows}
+        mine = {config_key(r) for r in rows}
         kept = []
         for row in old["summary"]:
-            key = (row["model"], row["base"], row["variant"])
+            key = config_key(row)
             if key not in mine:  # summarized again: older files may lack newer columns
-                runs = [r for r in old["runs"] if (r["model"], r["base"], r["variant"]) == key]
-                kept.append({**summarize({"model": key[0], "base": key[1], "variant": key[2]}, runs),
+                runs = [r for r in old["runs"] if config_key(r) == key]
+                kept.append({**summarize(config_label(key), runs),
                              "date": row.get("date"), "steps": row.get("steps")})
         rows = kept + rows
-        all_runs = [r for r in old["runs"] if (r["model"], r["base"], r["variant"]) not in mine] + all_runs
+        all_runs = [r for r in old["runs"] if config_key(r) not in mine] + all_runs
         order = {(m, b, v): i for i, (m, b, v) in enumerate(
             (m, b, v) for m in ("sd15", "tiny") for b in ("file", "folder") for v in VARIANTS)}
-        rows.sort(key=lambda r: order[r["model"], r["base"], r["variant"]])
+        rows.sort(key=lambda r: (r.get("nice", 0), order[r["model"], r["base"], r["variant"]]))
     print()
     print(format_table(rows))
     json_path.parent.mkdir(parents=True, exist_ok=True)

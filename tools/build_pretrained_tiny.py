@@ -46,11 +46,12 @@ MODEL_NAME = "tiny-sd-shapes"
 SCALING_FACTOR = 0.18215
 
 UNET_CHANNELS = (32, 64, 64, 64)
-VAE_CHANNELS = (32, 32, 64, 64)
+VAE_CHANNELS = (64, 64, 64, 64)  # 64 at the top: the decoder's last GroupNorm(32) then sees channel pairs, not single channels
 TEXT_HIDDEN = 32
 
 
-def unet_config(channels=UNET_CHANNELS, text_hidden=TEXT_HIDDEN) -> dict:
+def unet_config(channels=None, text_hidden=None) -> dict:
+    channels, text_hidden = channels or UNET_CHANNELS, text_hidden or TEXT_HIDDEN
     return {
         "sample_size": 8,
         "in_channels": 4,
@@ -67,7 +68,8 @@ def unet_config(channels=UNET_CHANNELS, text_hidden=TEXT_HIDDEN) -> dict:
     }
 
 
-def vae_config(channels=VAE_CHANNELS) -> dict:
+def vae_config(channels=None) -> dict:
+    channels = channels or VAE_CHANNELS
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -83,12 +85,13 @@ def vae_config(channels=VAE_CHANNELS) -> dict:
     }
 
 
-def text_config(hidden=TEXT_HIDDEN) -> dict:
+def text_config(hidden=None) -> dict:
+    hidden = hidden or TEXT_HIDDEN
     return {
         "vocab_size": 49408,
         "hidden_size": hidden,
         "intermediate_size": 4 * hidden,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": 3,
         "num_attention_heads": max(1, hidden // 64),  # SD convention (64-wide heads), as the single-file loader infers
         "max_position_embeddings": 77,
         "hidden_act": "quick_gelu",
@@ -144,11 +147,17 @@ def random_crops(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tens
     return torch.stack([img[:, y : y + crop, xx : xx + crop] for img, y, xx in zip(x, oy.tolist(), ox.tolist())])
 
 
-def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, kl_weight: float, seed: int, log: Log, crop: int = 64, grad_clip: float = 1.0):
+def train_vae(images: np.ndarray, args, log: Log):
+    """AutoencoderKL from scratch: first on random crops (cheap), then on whole images (GroupNorm
+    statistics of whole images are what generation sees)."""
     from diffusers import AutoencoderKL
 
+    seed, steps, lr = args.seed, args.vae_steps, args.vae_lr
+    crop_steps = int(steps * args.vae_crop_fraction)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**vae_config()).train()
+    with torch.no_grad():  # start with a nearly deterministic posterior (std ~0.05), as a trained VAE has
+        vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(images)
@@ -156,20 +165,25 @@ def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, kl_weight: 
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10))
+        cropped = step < crop_steps
+        batch = args.vae_batch if cropped else args.vae_batch_full
         idx = torch.randint(0, len(data), (batch,), generator=gen)
         x = data[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         flip = torch.rand(batch, generator=gen) < 0.5
-        x = random_crops(torch.where(flip[:, None, None, None], x.flip(-1), x), crop, gen)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if cropped:
+            x = random_crops(x, args.vae_crop, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            recon = vae.decode(z).sample.float()
         l1 = (recon - x).abs().mean()
         l2 = (recon - x).pow(2).mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = l1 + l2 + kl_weight * kl
+        loss = l1 + l2 + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
         opt.step()
         values = torch.stack([l1, l2, kl, grad_norm]).detach()
         running = values if running is None else 0.98 * running + 0.02 * values
@@ -182,12 +196,14 @@ def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, kl_weight: 
 
 
 @torch.no_grad()
-def encode_means(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_means(vae, images: np.ndarray, batch: int = 128, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in range(0, len(images), batch):
-        dist = vae.encode(to_tensor(images[i : i + batch])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            moments = vae.quant_conv(vae.encoder(to_tensor(images[i : i + batch]))).float()
+        mean, logvar = moments.chunk(2, dim=1)
+        means.append(mean)
+        stds.append(torch.exp(0.5 * logvar.clamp(-30.0, 20.0)))
     return torch.cat(means), torch.cat(stds)
 
 
@@ -278,7 +294,7 @@ def train_unet(latent_mean, latent_std, captions: list[str], tokenizer, args, lo
         a = alphas_cumprod[t].sqrt()[:, None, None, None]
         b = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
         noisy = a * x0 + b * noise
-        hidden = text_encoder(tokens[cap])[0]
+        hidden = text_encoder(tokens[cap])[0]  # fp32: bf16 autocast is slower here (small matrices, attention)
         pred = unet(noisy, t, hidden).sample
         per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weight[t]).mean()
@@ -356,11 +372,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="models", help="folder to write tiny-sd-shapes/ and tiny-sd-shapes.safetensors into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few minutes of training: checks the pipeline, not a usable model")
-    parser.add_argument("--train_images", type=int, default=20000)
-    parser.add_argument("--vae_steps", type=int, default=2500)
-    parser.add_argument("--vae_batch", type=int, default=24)
-    parser.add_argument("--vae_lr", type=float, default=2e-3)
-    parser.add_argument("--vae_crop", type=int, default=64, help="train the VAE on random crops of this size (multiple of 8)")
+    parser.add_argument("--train_images", type=int, default=20000, help="rendered images the VAE trains on")
+    parser.add_argument("--unet_images", type=int, default=10000, help="how many of them are encoded for the U-Net")
+    parser.add_argument("--vae_steps", type=int, default=2000)
+    parser.add_argument("--vae_batch", type=int, default=24, help="batch of the crop phase")
+    parser.add_argument("--vae_batch_full", type=int, default=12, help="batch of the whole-image phase")
+    parser.add_argument("--vae_lr", type=float, default=3e-3)
+    parser.add_argument("--vae_crop", type=int, default=32, help="crop size (multiple of 8) of the first phase")
+    parser.add_argument("--vae_crop_fraction", type=float, default=0.75, help="share of VAE steps on crops")
+    parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="train and run the VAE in fp32 instead of bf16 autocast")
     parser.add_argument("--vae_from", default=None, help="reuse a VAE saved by an earlier build (its work folder) instead of training one")
     parser.add_argument("--work_dir", default="bench/results/pretrained_tiny/work", help="where the trained VAE is kept for --vae_from")
     parser.add_argument("--kl_weight", type=float, default=1e-4)
@@ -374,10 +394,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vae_only", action="store_true", help="stop after training the VAE (kept in --work_dir)")
     parser.add_argument("--log", default="bench/results/pretrained_tiny/build.log")
     args = parser.parse_args(argv)
     if args.quick:
-        args.train_images, args.vae_steps, args.unet_steps, args.eval_seeds = 4000, 300, 400, 1
+        args.train_images, args.unet_images, args.vae_steps, args.unet_steps, args.eval_seeds = 4000, 4000, 300, 400, 1
     return args
 
 
@@ -394,7 +415,7 @@ def main(argv=None) -> int:
     timings = {}
     t0 = time.perf_counter()
     images, specs = make_dataset(args.train_images, seed=args.seed)
-    check_images, check_specs = make_dataset(512, seed=args.seed + 10_000)
+    check_images, check_specs = make_dataset(256, seed=args.seed + 10_000)
     timings["data"] = time.perf_counter() - t0
     log(f"rendered {len(images)} training images ({len({s.caption for s in specs})} captions) in {timings['data']:.1f}s")
 
@@ -405,15 +426,18 @@ def main(argv=None) -> int:
         vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
         log(f"VAE reused from {args.vae_from}")
     else:
-        vae = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed, log, crop=args.vae_crop)
-        standardize_latents(vae, images[:4000], log)
+        vae = train_vae(images, args, log)
+        standardize_latents(vae, images[:2000], log)
         if args.work_dir:
             vae.save_pretrained(str(Path(args.work_dir) / "vae"))
     vae_report = reconstruction_report(vae, check_images, check_specs, log)
     timings["vae"] = time.perf_counter() - t0
+    if args.vae_only:
+        return 0
 
     t0 = time.perf_counter()
-    latent_mean, latent_std = encode_means(vae, images)
+    images, specs = images[: args.unet_images], specs[: args.unet_images]
+    latent_mean, latent_std = encode_means(vae, images, bf16=args.bf16)
     timings["encode"] = time.perf_counter() - t0
     log(f"encoded {len(images)} images in {timings['encode']:.1f}s")
 
@@ -432,7 +456,11 @@ def main(argv=None) -> int:
     folder, single = out / MODEL_NAME, out / f"{MODEL_NAME}.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     save_diffusers_folder(folder, parts, precision="fp16")
-    save_model(single, parts, "safetensors", precision="fp16")
+    from library.models.modelspec import build_modelspec
+
+    metadata = build_modelspec(v2=False, v_parameterization=False, title=MODEL_NAME, resolution=(64, 64))
+    metadata["modelspec.description"] = "tiny SD1-shaped model trained from scratch on synthetic shapes (tools/build_pretrained_tiny.py)"
+    save_model(single, parts, "safetensors", precision="fp16", metadata=metadata)
 
     # what users get: the fp16 files, loaded both ways
     loaded = load_base_model(str(folder))
