@@ -166,6 +166,8 @@ def train_vae(images: np.ndarray, args, log: Log):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10))
         cropped = step < crop_steps
+        if step == crop_steps and args.work_dir:  # a usable VAE already; kept in case a slow machine stops the run
+            vae.save_pretrained(str(Path(args.work_dir) / "vae_after_crops"))
         batch = args.vae_batch if cropped else args.vae_batch_full
         idx = torch.randint(0, len(data), (batch,), generator=gen)
         x = data[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -374,12 +376,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few minutes of training: checks the pipeline, not a usable model")
     parser.add_argument("--train_images", type=int, default=20000, help="rendered images the VAE trains on")
     parser.add_argument("--unet_images", type=int, default=10000, help="how many of them are encoded for the U-Net")
-    parser.add_argument("--vae_steps", type=int, default=2000)
+    parser.add_argument("--vae_steps", type=int, default=1700)
     parser.add_argument("--vae_batch", type=int, default=24, help="batch of the crop phase")
-    parser.add_argument("--vae_batch_full", type=int, default=12, help="batch of the whole-image phase")
+    parser.add_argument("--vae_batch_full", type=int, default=8, help="batch of the whole-image phase")
     parser.add_argument("--vae_lr", type=float, default=3e-3)
     parser.add_argument("--vae_crop", type=int, default=32, help="crop size (multiple of 8) of the first phase")
-    parser.add_argument("--vae_crop_fraction", type=float, default=0.75, help="share of VAE steps on crops")
+    parser.add_argument("--vae_crop_fraction", type=float, default=0.9, help="share of VAE steps on crops")
     parser.add_argument("--no_bf16", dest="bf16", action="store_false", help="train and run the VAE in fp32 instead of bf16 autocast")
     parser.add_argument("--vae_from", default=None, help="reuse a VAE saved by an earlier build (its work folder) instead of training one")
     parser.add_argument("--work_dir", default="bench/results/pretrained_tiny/work", help="where the trained VAE is kept for --vae_from")
