@@ -27,9 +27,13 @@ Reported per run (medians over --repeats runs in the table):
   hashed      whether the base model file was hashed before step 1 (it must not be: metadata is
               built at the first save); the hash's time at the final save is shown separately
   te/step     text-encoder forward calls and seconds inside steps 3..12, U-Net forward seconds
+  CPU/wait    per step, CPU seconds of all threads and their run-queue wait (/proc/self/task/*/schedstat)
+  fastest     the fastest timed step of all runs (the least disturbed by other processes)
 
 The page cache is warmed (model files read once) before the runs, so every run reads warm files.
 The load average is printed before and after each run: other processes make single runs noisy.
+On a shared machine use --wait_idle and/or --nice -10 (see docs/benchmarks.md, "Shared machines").
+--baselines ours peft also times bench/minimal_lora_loop.py, the same work without our trainer.
 Results: a table on stdout and bench/results/train_network.json (per run and medians).
 """
 
@@ -37,8 +41,7 @@ from __future__ import annotations
 
 import time
 
-_T0_PERF = time.perf_counter()  # the very top of the child, before heavy imports
-_T0_WALL = time.time()
+_T0_WALL = time.time()  # the very top of the child, before heavy imports
 
 import argparse  # noqa: E402
 import json  # noqa: E402

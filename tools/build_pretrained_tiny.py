@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -47,7 +48,11 @@ SCALING_FACTOR = 0.18215
 
 UNET_CHANNELS = (32, 64, 64, 64)
 VAE_CHANNELS = (64, 64, 64, 64)  # 64 at the top: the decoder's last GroupNorm(32) then sees channel pairs, not single channels
-TEXT_HIDDEN = 32
+# Latents x 0.18215 are standardized to this spread, not to 1: DDIM sampling as sd-scripts does it
+# clips the predicted clean latent to [-1, 1], and at unit spread the flat, saturated colours of this
+# data were clipped to grey (measured: garbage samples with DDIM, fine without clipping).
+LATENT_STD = 0.5
+TEXT_HIDDEN = 24  # the 49,408-token embedding dominates the size: 24 wide keeps both files under 25 MB
 
 
 def unet_config(channels=None, text_hidden=None) -> dict:
@@ -211,7 +216,8 @@ def encode_means(vae, images: np.ndarray, batch: int = 128, bf16: bool = False) 
 
 @torch.no_grad()
 def standardize_latents(vae, images: np.ndarray, log: Log) -> None:
-    """Fold a per-channel shift and scale into quant_conv / post_quant_conv so latents * 0.18215 ~ N(0, 1).
+    """Fold a per-channel shift and scale into quant_conv / post_quant_conv: latents * 0.18215 get zero
+    mean and standard deviation LATENT_STD per channel. Idempotent.
 
     quant_conv (1x1) gives [mean, logvar]; mean' = a * (mean - m) and logvar' = logvar + 2 ln a;
     post_quant_conv sees z = z' / a + m. The decoded image of any z' is unchanged.
@@ -219,7 +225,7 @@ def standardize_latents(vae, images: np.ndarray, log: Log) -> None:
     means, _ = encode_means(vae, images)
     m = means.mean(dim=(0, 2, 3))
     s = means.std(dim=(0, 2, 3))
-    a = 1.0 / (s * SCALING_FACTOR)
+    a = LATENT_STD / (s * SCALING_FACTOR)
     c = m.numel()
     qw, qb = vae.quant_conv.weight, vae.quant_conv.bias  # [2c, 2c, 1, 1]
     qw[:c] *= a[:, None, None, None]
@@ -293,6 +299,10 @@ def train_unet(latent_mean, latent_std, captions: list[str], tokenizer, args, lo
         cap[torch.rand(batch, generator=gen) < args.caption_dropout] = empty
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        # Offset noise: at 8x8 latents SD's schedule leaves each channel's mean (the colours) visible even
+        # at t=999, so without it the U-Net reads colours off the noise instead of learning them from text
+        # (measured: 31 % right colours on white, 5 % on black/gray backgrounds).
+        noise = noise + args.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
         a = alphas_cumprod[t].sqrt()[:, None, None, None]
         b = (1 - alphas_cumprod[t]).sqrt()[:, None, None, None]
         noisy = a * x0 + b * noise
@@ -387,10 +397,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default="bench/results/pretrained_tiny/work", help="where the trained VAE is kept for --vae_from")
     parser.add_argument("--kl_weight", type=float, default=1e-4)
     parser.add_argument("--unet_steps", type=int, default=4000)
-    parser.add_argument("--unet_batch", type=int, default=64)
+    parser.add_argument("--unet_batch", type=int, default=32)
     parser.add_argument("--unet_lr", type=float, default=1e-3)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--min_snr_gamma", type=float, default=5.0)
+    parser.add_argument("--noise_offset", type=float, default=0.3, help="per-channel offset noise in U-Net training")
     parser.add_argument("--caption_dropout", type=float, default=0.1)
     parser.add_argument("--eval_seeds", type=int, default=4, help="images per (colour, shape) caption in the evaluation")
     parser.add_argument("--eval_steps", type=int, default=25)
@@ -422,18 +433,28 @@ def main(argv=None) -> int:
     log(f"rendered {len(images)} training images ({len({s.caption for s in specs})} captions) in {timings['data']:.1f}s")
 
     t0 = time.perf_counter()
+    vae_args = {k: v for k, v in vars(args).items() if k.startswith(("vae_", "kl_", "train_images", "seed", "bf16", "threads"))}
     if args.vae_from:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+        source = Path(args.vae_from)
+        vae = AutoencoderKL.from_pretrained(str(source / "vae" if (source / "vae" / "config.json").is_file() else source)).eval()
         log(f"VAE reused from {args.vae_from}")
+        standardize_latents(vae, images[:2000], log)  # to this version's LATENT_STD (no change if already there)
+        earlier = source / "vae_report.json"
+        if earlier.is_file():  # the stage's own time and settings, for the model card
+            earlier = json.loads(earlier.read_text())
+            vae_args, timings["vae"] = earlier["args"], earlier["seconds"]
     else:
         vae = train_vae(images, args, log)
         standardize_latents(vae, images[:2000], log)
+        timings["vae"] = time.perf_counter() - t0
         if args.work_dir:
             vae.save_pretrained(str(Path(args.work_dir) / "vae"))
+            report = {"args": vae_args, "seconds": round(timings["vae"], 1)}
+            (Path(args.work_dir) / "vae_report.json").write_text(json.dumps(report, indent=2) + "\n")
     vae_report = reconstruction_report(vae, check_images, check_specs, log)
-    timings["vae"] = time.perf_counter() - t0
+    timings.setdefault("vae", time.perf_counter() - t0)
     if args.vae_only:
         return 0
 
@@ -490,7 +511,8 @@ def main(argv=None) -> int:
         "per_color": per_color,
         "sizes_bytes": sizes,
         "args": vars(args),
-        "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "vae_args": vae_args,
+        "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}, threads: {torch.get_num_threads()}",
     }
     (folder / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(report, args))
@@ -501,6 +523,11 @@ def main(argv=None) -> int:
 
 def model_card(report: dict, args) -> str:
     g, o, v = report["generation_white"], report["generation_black_gray"], report["vae_reconstruction"]
+    va = argparse.Namespace(**{**vars(args), **report["vae_args"]})  # the VAE stage's own settings
+    vae_note = (
+        " (the VAE stage ran as its own invocation, `--vae_only`, and the rest with `--vae_from`; same"
+        " settings as one run)" if args.vae_from else ""
+    )
     t = report["timings_s"]
     pct = lambda x: f"{100 * x:.0f} %"  # noqa: E731
     shape_rows = "\n".join(
@@ -548,7 +575,7 @@ Vocabulary it was trained on, always as "a(n) COLOUR SHAPE on a BACKGROUND backg
 
 ## Quality (measured by the build)
 
-Every trained (colour, shape) pair on a white background, {args.eval_seeds} seeds each ({g['images']} images), DDIM
+Every trained (colour, shape) pair on a white background, {args.eval_seeds} seed(s) each ({g['images']} images), DDIM
 {args.eval_steps} steps, classifier-free guidance {args.guidance}, scored by `tools/shape_metrics.py`: the colour is the
 nearest named colour (shape colours and background colours) of the object's pixels; the shape is the
 best-fitting of the {len(BASE_SHAPES)} rendered templates (intersection over union, IoU); IoU is that of the
@@ -579,20 +606,26 @@ rendered references themselves score IoU about 0.96.
 
 `python tools/build_pretrained_tiny.py --out models` rebuilds it (deterministic for `--seed {args.seed}`, up to
 floating-point differences between CPUs). Times below are from the run that made these files:
-{report['machine']}, shared with other jobs.
+{report['machine']}, shared with other jobs{vae_note}.
 
-* **Data** ({t['data']:.0f} s): {args.train_images} rendered 64x64 images (`tools/shape_data.py`, seed {args.seed}): a
-  random shape, colour and background, half-size {12}-{24} px, random position, anti-aliased.
+* **Data** ({t['data']:.0f} s): {va.train_images} rendered 64x64 images (`tools/shape_data.py`, seed {args.seed}): a
+  random shape, colour and background, half-size 12-24 px, random position, anti-aliased. The VAE trains on all of
+  them, the U-Net on the first {args.unet_images}.
 * **VAE** ({t['vae']:.0f} s): AutoencoderKL, 4 levels {vc['block_out_channels']}, 1 ResNet per level, no mid-block
-  attention, 4 latent channels (latents 8x8). {args.vae_steps} steps of batch {args.vae_batch}, AdamW lr {args.vae_lr} (warm-up,
-  cosine), loss L1 + L2 + {args.kl_weight} x KL. Afterwards a per-channel shift and scale is folded into
-  `quant_conv` / `post_quant_conv` so that latents x 0.18215 (SD's scaling factor) have zero mean and unit
-  variance.
+  attention, 4 latent channels (latents 8x8). {va.vae_steps} steps: {int(va.vae_steps * va.vae_crop_fraction)} on random {va.vae_crop}x{va.vae_crop}
+  crops (batch {va.vae_batch}), then whole images (batch {va.vae_batch_full}); AdamW lr {va.vae_lr} (warm-up, cosine), loss
+  L1 + L2 + {va.kl_weight} x KL, bf16 autocast{'' if va.bf16 else ' off'}. 64 channels at the top level, because the decoder's last GroupNorm(32) then
+  normalizes channel pairs: with single channels flat colours are hard to reproduce (measured: colours were
+  wrong in most reconstructions with 32 channels). Afterwards a per-channel shift and scale is folded into
+  `quant_conv` / `post_quant_conv` so that latents x 0.18215 (SD's scaling factor) have zero mean and
+  standard deviation {LATENT_STD:g}: DDIM sampling as sd-scripts does it clips the predicted clean latent to [-1, 1],
+  and at standard deviation 1 that clipped these saturated colours to grey.
 * **U-Net and text encoder** ({t['unet']:.0f} s, trained together from scratch): UNet2DConditionModel
   {u['block_out_channels']}, 1 layer per block, cross-attention in the first three levels and the mid block,
   8 heads (SD1); CLIPTextModel with hidden size {tc['hidden_size']}, {tc['num_hidden_layers']} layers, MLP {tc['intermediate_size']}, the real CLIP
   tokenizer (77 tokens). Epsilon prediction on SD's DDPM schedule (scaled_linear 0.00085-0.012, 1000
-  steps), min-SNR-{args.min_snr_gamma:g} loss weights, {int(100 * args.caption_dropout)} % empty captions (for classifier-free guidance),
+  steps), min-SNR-{args.min_snr_gamma:g} loss weights, offset noise {args.noise_offset:g} (without it the
+  colours were wrong: at 8x8 latents the schedule leaves colour visible at the last timestep), {int(100 * args.caption_dropout)} % empty captions (for classifier-free guidance),
   {args.unet_steps} steps of batch {args.unet_batch}, AdamW lr {args.unet_lr} (warm-up, cosine), EMA {args.ema_decay} of both
   (the EMA weights are what is saved).
 * **Saved** in fp16: `tiny-sd-shapes/` (diffusers, {report['sizes_bytes']['folder'] / 1e6:.1f} MB, of which the tokenizer files are

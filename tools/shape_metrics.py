@@ -12,7 +12,7 @@ and the learning tests. For one image:
   box, nudged by half-pixel offsets and +-10 % sizes; the best intersection-over-union per kind
   gives a nearest-template classifier, and the IoU of the expected kind says how well it is drawn.
 
-`generate_images` makes the images with a diffusers StableDiffusionPipeline (DDIM, CFG).
+`generate_images` makes the images with a diffusers StableDiffusionPipeline (DDIM as in training samples, CFG).
 """
 
 from __future__ import annotations
@@ -117,15 +117,17 @@ def summarize(scores: list[ImageScore], expected: list[tuple[str, str, str]]) ->
 
 def generate_images(parts, prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 5.0,
                     size: int = 64, batch_size: int = 64, negative_prompt: str = "") -> np.ndarray:
-    """uint8 images [len(prompts), size, size, 3]: DDIM with classifier-free guidance, one seed per prompt."""
+    """uint8 images [len(prompts), size, size, 3]: DDIM with classifier-free guidance, one seed per prompt.
+
+    The scheduler is the one sample images during training get (library/training/sampling.py: DDIM
+    with the predicted clean latent clipped to [-1, 1], as sd-scripts samples)."""
     import torch
-    from diffusers import DDIMScheduler
+
+    from library.training.sampling import make_scheduler
 
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    scheduler = DDIMScheduler.from_config(
-        parts.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
-    )
+    scheduler = make_scheduler("ddim", parts.v_parameterization, parts.noise_scheduler.config)
     pipe = parts.to_pipeline(scheduler)
     pipe.set_progress_bar_config(disable=True)
     out = []
@@ -145,3 +147,20 @@ def generate_images(parts, prompts: list[str], seeds: list[int], *, steps: int =
             ).images
             out.append((np.clip(result, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def concept_scores(images, concept: str, shapes=BASE_SHAPES) -> dict:
+    """How much a set of images shows `concept` (a shape kind, e.g. the quickstart's "heart").
+
+    share: fraction of images whose nearest template, among `shapes` plus `concept`, is the concept;
+    mean_iou: mean IoU of the concept's template (0 for an image without an object).
+    """
+    kinds = tuple(shapes) + ((concept,) if concept not in shapes else ())
+    scores = [score_image(image, kinds) for image in images]
+    n = max(1, len(scores))
+    return {
+        "images": len(scores),
+        "share": sum(s.shape == concept for s in scores) / n,
+        "mean_iou": sum(s.iou(concept) for s in scores) / n,
+        "shapes": [s.shape for s in scores],
+    }
