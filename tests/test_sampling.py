@@ -95,7 +95,9 @@ def test_scheduler_classes_and_settings(name, class_name):
     assert config.prediction_type == "epsilon"
     assert make_scheduler(name, v_parameterization=True).config.prediction_type == "v_prediction"
     if "clip_sample" in config:
-        assert config.clip_sample is True  # upstream switches it on
+        assert config.clip_sample is False  # what upstream's pipeline constructor leaves
+    if "steps_offset" in config:
+        assert config.steps_offset == 1
     if name.startswith("dpmsolver"):
         assert config.algorithm_type == name
     if name == "dpmsolver":

@@ -48,9 +48,9 @@ SCALING_FACTOR = 0.18215
 
 UNET_CHANNELS = (32, 64, 64, 64)
 VAE_CHANNELS = (64, 64, 64, 64)  # 64 at the top: the decoder's last GroupNorm(32) then sees channel pairs, not single channels
-# Latents x 0.18215 are standardized to this spread, not to 1: DDIM sampling as sd-scripts does it
-# clips the predicted clean latent to [-1, 1], and at unit spread the flat, saturated colours of this
-# data were clipped to grey (measured: garbage samples with DDIM, fine without clipping).
+# Latents x 0.18215 are standardized to this spread, not to 1, so that samplers which clip the
+# predicted clean latent to [-1, 1] (diffusers' DDIM default `clip_sample=True`) still work: at unit
+# spread the flat, saturated colours of this data were clipped to grey (measured: garbage samples).
 LATENT_STD = 0.5
 TEXT_HIDDEN = 24  # the 49,408-token embedding dominates the size: 24 wide keeps both files under 25 MB
 
@@ -618,8 +618,8 @@ floating-point differences between CPUs). Times below are from the run that made
   normalizes channel pairs: with single channels flat colours are hard to reproduce (measured: colours were
   wrong in most reconstructions with 32 channels). Afterwards a per-channel shift and scale is folded into
   `quant_conv` / `post_quant_conv` so that latents x 0.18215 (SD's scaling factor) have zero mean and
-  standard deviation {LATENT_STD:g}: DDIM sampling as sd-scripts does it clips the predicted clean latent to [-1, 1],
-  and at standard deviation 1 that clipped these saturated colours to grey.
+  standard deviation {LATENT_STD:g}, so that samplers which clip the predicted clean latent to [-1, 1] (diffusers'
+  DDIM default) still work: at standard deviation 1 they clipped these saturated colours to grey.
 * **U-Net and text encoder** ({t['unet']:.0f} s, trained together from scratch): UNet2DConditionModel
   {u['block_out_channels']}, 1 layer per block, cross-attention in the first three levels and the mid block,
   8 heads (SD1); CLIPTextModel with hidden size {tc['hidden_size']}, {tc['num_hidden_layers']} layers, MLP {tc['intermediate_size']}, the real CLIP

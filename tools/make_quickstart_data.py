@@ -26,7 +26,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.shape_data import BASE_SHAPES, write_image_folder  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tools.shape_data import BASE_SHAPES, COLORS, IMAGE_SIZE, ShapeSpec, render, write_image_folder  # noqa: E402
 
 IDENTIFIER = "sks"
 CONCEPT_SHAPE = "heart"
@@ -36,6 +39,24 @@ INSTANCE_SEED, REG_SEED = 101, 202
 # Mostly white backgrounds, as in the prompts of the example; a few others so the identifier
 # does not become tied to one background.
 BACKGROUNDS = {"white": 0.7, "black": 0.15, "gray": 0.15}
+# Hearts are large and near the centre: a new shape is learned in far fewer steps when its size and
+# place vary little, and at 64 px a small heart is hard to tell from a circle.
+HEART_HALF_SIZE = (20.0, 24.0)
+HEART_CENTRE_JITTER = 3.0
+
+
+def instance_specs(count: int, seed: int) -> list[ShapeSpec]:
+    rng = np.random.default_rng(seed)
+    colors, backgrounds = list(COLORS), list(BACKGROUNDS)
+    weights = np.asarray([BACKGROUNDS[b] for b in backgrounds])
+    specs = []
+    for i in range(count):
+        half = float(rng.uniform(*HEART_HALF_SIZE))
+        room = min(HEART_CENTRE_JITTER, IMAGE_SIZE / 2 - half - 2)
+        cx, cy = (IMAGE_SIZE / 2 + float(rng.uniform(-room, room)) for _ in range(2))
+        background = backgrounds[rng.choice(len(backgrounds), p=weights / weights.sum())]
+        specs.append(ShapeSpec(CONCEPT_SHAPE, colors[i % len(colors)], background, cx, cy, half))
+    return specs
 
 
 def instance_caption(spec) -> str:
@@ -49,10 +70,10 @@ def write_quickstart_data(out: Path) -> dict[str, Path]:
     for folder in folders.values():
         if folder.exists():
             shutil.rmtree(folder)
-    write_image_folder(
-        folders["instance"], INSTANCE_COUNT, seed=INSTANCE_SEED, shapes=(CONCEPT_SHAPE,),
-        caption=instance_caption, backgrounds=BACKGROUNDS,
-    )
+    folders["instance"].mkdir(parents=True)
+    for i, spec in enumerate(instance_specs(INSTANCE_COUNT, INSTANCE_SEED)):
+        Image.fromarray(render(spec), mode="RGB").save(folders["instance"] / f"{i:05d}.png")
+        (folders["instance"] / f"{i:05d}.txt").write_text(instance_caption(spec) + "\n")
     write_image_folder(folders["reg"], REG_COUNT, seed=REG_SEED, shapes=BASE_SHAPES, backgrounds=BACKGROUNDS)
     return folders
 

@@ -119,8 +119,7 @@ def generate_images(parts, prompts: list[str], seeds: list[int], *, steps: int =
                     size: int = 64, batch_size: int = 64, negative_prompt: str = "") -> np.ndarray:
     """uint8 images [len(prompts), size, size, 3]: DDIM with classifier-free guidance, one seed per prompt.
 
-    The scheduler is the one sample images during training get (library/training/sampling.py: DDIM
-    with the predicted clean latent clipped to [-1, 1], as sd-scripts samples)."""
+    The scheduler is the one sample images during training get (library/training/sampling.py)."""
     import torch
 
     from library.training.sampling import make_scheduler

@@ -160,7 +160,10 @@ def make_scheduler(name: str, v_parameterization: bool = False, base_config: Any
 
     Betas come from `base_config` (the model's training scheduler config) when given, else SD's
     schedule; every other setting is the class default, plus `prediction_type="v_prediction"` for
-    v-parameterization. As upstream, `clip_sample` is switched on where the class has it."""
+    v-parameterization. Then what sd-scripts' samples effectively get: sd-scripts switches
+    `clip_sample` on, but hands the scheduler to StableDiffusionPipeline's constructor, which rewrites
+    `clip_sample` to False and `steps_offset` to 1 where a scheduler has them; we set that outcome
+    directly (clipping the predicted clean latent to [-1, 1] also spoils images)."""
     import diffusers
 
     key = name.lower()
@@ -176,8 +179,10 @@ def make_scheduler(name: str, v_parameterization: bool = False, base_config: Any
         warnings.simplefilter("ignore", DeprecationWarning)  # numpy __array__ notices from some classes
         warnings.simplefilter("ignore", FutureWarning)  # algorithm_type="dpmsolver" is deprecated in diffusers
         scheduler = getattr(diffusers, class_name)(**kwargs)
-    if getattr(scheduler.config, "clip_sample", None) is False:
-        scheduler.register_to_config(clip_sample=True)
+    if getattr(scheduler.config, "clip_sample", None) is True:
+        scheduler.register_to_config(clip_sample=False)
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        scheduler.register_to_config(steps_offset=1)
     return scheduler
 
 
