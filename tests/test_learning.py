@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 
 from tests.training_helpers import ROOT
+from tools.make_quickstart_data import IDENTIFIER
+from tools.shape_data import caption_for
 
 BASE = ROOT / "models" / "tiny-sd-shapes"
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -34,15 +36,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 CONCEPT_COLORS = ("red", "blue", "green", "yellow", "purple", "orange")
-CONCEPT_PROMPTS = [f"a {c} sks on a white background" if c[0] not in "aeiou" else f"an {c} sks on a white background" for c in CONCEPT_COLORS]
-OTHER_PROMPTS = [
-    "a red circle on a white background",
-    "a blue square on a white background",
-    "a yellow triangle on a white background",
-    "a green star on a white background",
-    "a purple cross on a white background",
-    "an orange ring on a white background",
-]
+CONCEPT_PROMPTS = [caption_for(color, IDENTIFIER) for color in CONCEPT_COLORS]
+OTHER_PAIRS = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "star"), ("purple", "cross"), ("orange", "ring")]
+OTHER_PROMPTS = [caption_for(color, shape) for color, shape in OTHER_PAIRS]
 SEEDS = (11, 12)  # every prompt with each seed
 STEPS, GUIDANCE = 20, 5.0
 

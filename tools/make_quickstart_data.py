@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tools.shape_data import BASE_SHAPES, COLORS, IMAGE_SIZE, ShapeSpec, render, write_image_folder  # noqa: E402
+from tools.shape_data import BASE_SHAPES, COLORS, IMAGE_SIZE, ShapeSpec, caption_for, render, write_image_folder  # noqa: E402
 
 IDENTIFIER = "sks"
 CONCEPT_SHAPE = "heart"
@@ -60,8 +60,7 @@ def instance_specs(count: int, seed: int) -> list[ShapeSpec]:
 
 
 def instance_caption(spec) -> str:
-    article = "an" if spec.color[0] in "aeiou" else "a"
-    return f"{article} {spec.color} {IDENTIFIER} on a {spec.background} background"
+    return caption_for(spec.color, IDENTIFIER, spec.background)
 
 
 def write_quickstart_data(out: Path) -> dict[str, Path]:

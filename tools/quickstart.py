@@ -20,11 +20,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tools.make_quickstart_data import CONCEPT_SHAPE as CONCEPT  # noqa: E402
+from tools.make_quickstart_data import IDENTIFIER  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_MODEL = Path("models/tiny-sd-shapes")
 CONFIG = Path("examples/quickstart/train.toml")
 OUTPUT = Path("quickstart_output")
-IDENTIFIER, CONCEPT = "sks", "heart"
 # sd-scripts' sample names: <output_name>_e<epoch:06d>_<prompt index:02d>_<timestamp>_<seed>.png
 SAMPLE_NAME = re.compile(r"_e(\d{6})_(\d{2})_\d{14}_\d+\.png$")
 
