@@ -6,9 +6,10 @@ shipped base model, then images are generated with fixed seeds and scored by too
 
 * concept: among the "sks" prompts, the share of images whose best-fitting shape template is the
   heart (templates: the base model's six shapes and the heart), and the heart template's mean IoU;
-* leak: for prompts without "sks" ("a red circle on a white background"), the share of images drawn
-  as a heart (the concept leaking into prompts that do not ask for it); the base model draws none.
-  The mean absolute pixel difference from the base model's images is printed too.
+* kept: for prompts without "sks" ("a red circle on a white background"), the share of images still
+  drawn as the prompted shape (templates: the six shapes and the heart); the base model draws all of
+  them. The share drawn as hearts (the concept leaking into prompts that do not ask for it) and the
+  mean absolute pixel difference from the base model's images are printed too.
 
 The thresholds are stated in `concept_learned` and `test_regularization_images_reduce_drift`.
 """
@@ -25,7 +26,7 @@ import pytest
 
 from tests.training_helpers import ROOT
 from tools.make_quickstart_data import IDENTIFIER
-from tools.shape_data import caption_for
+from tools.shape_data import BASE_SHAPES, caption_for
 
 BASE = ROOT / "models" / "tiny-sd-shapes"
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -39,16 +40,16 @@ CONCEPT_COLORS = ("red", "blue", "green", "yellow", "purple", "orange")
 CONCEPT_PROMPTS = [caption_for(color, IDENTIFIER) for color in CONCEPT_COLORS]
 OTHER_PAIRS = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "star"), ("purple", "cross"), ("orange", "ring")]
 OTHER_PROMPTS = [caption_for(color, shape) for color, shape in OTHER_PAIRS]
-SEEDS = (11, 12)  # every prompt with each seed
+SEEDS = (11, 12, 13, 14)  # every prompt with each seed
 STEPS, GUIDANCE = 20, 5.0
 
 # What counts as learned: at least 40 % of the "sks" images are hearts now (the base model and an
-# untrained LoRA draw none; measured after training: 58 %), and the heart template fits better on
-# average (measured: IoU 0.57 -> 0.78).
+# untrained LoRA draw none; measured after training: 92 %), and the heart template fits better on
+# average (measured: IoU 0.57 -> 0.84).
 MIN_SHARE_AFTER, MIN_SHARE_GAIN, MIN_IOU_GAIN = 0.4, 0.4, 0.1
-# Regularization: the share of other prompts drawn as hearts drops by at least half of all images
-# (measured: 2 of 12 with reg images, 12 of 12 without).
-MIN_LEAK_DROP = 0.5
+# Regularization: with reg images, at least a quarter more of the other prompts' images keep their
+# prompted shape (measured: 19 of 24 with reg images, 7 of 24 without; the base model 24 of 24).
+MIN_KEPT_GAIN = 0.25
 
 
 def concept_learned(before: dict, after: dict) -> bool:
@@ -160,15 +161,21 @@ def test_the_identifier_draws_the_concept_after_training_and_not_before(base_par
     assert concept_learned(before, after), (before, after)
 
 
-def test_regularization_images_keep_other_prompts_from_drawing_the_concept(base_parts, base_images, loras):
-    from tools.shape_metrics import concept_scores
+def test_regularization_images_keep_other_prompts_drawing_what_they_ask_for(base_parts, base_images, loras):
+    from tools.shape_metrics import concept_scores, score_image
 
-    base_leak = concept_scores(base_images["other"], "heart")["share"]
-    leak = {}
+    kinds = BASE_SHAPES + ("heart",)
+    expected = [shape for _, shape in OTHER_PAIRS for _ in SEEDS]
+
+    def kept_share(images) -> float:
+        return float(np.mean([score_image(image, kinds).shape == shape for image, shape in zip(images, expected)]))
+
+    print(f"\nbase: {kept_share(base_images['other']):.2f} of the images without 'sks' keep their shape")
+    kept = {}
     for name, file in loras.items():
         images = _generate_with_lora(base_parts, file, OTHER_PROMPTS)
-        leak[name] = concept_scores(images, "heart")["share"]
+        kept[name] = kept_share(images)
+        leak = concept_scores(images, "heart")["share"]
         drift = float(np.abs(images.astype(np.float32) - base_images["other"].astype(np.float32)).mean())
-        print(f"\n{name}: {leak[name]:.2f} of the images without 'sks' drawn as hearts (base {base_leak:.2f}); "
-              f"mean pixel change {drift:.1f}/255")
-    assert leak["with_reg"] <= leak["without_reg"] - MIN_LEAK_DROP, leak
+        print(f"{name}: {kept[name]:.2f} keep their shape, {leak:.2f} drawn as hearts; mean pixel change {drift:.1f}/255")
+    assert kept["with_reg"] >= kept["without_reg"] + MIN_KEPT_GAIN, kept

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(
     reason="models/tiny-sd-shapes is missing; build it with `python tools/build_pretrained_tiny.py --out models`",
 )
 
-# (colour, shape) pairs the model card measures as reliable (colour and shape right in all its seeds)
-CASES = [("red", "circle"), ("blue", "square"), ("green", "circle"), ("yellow", "square")]
+# one caption per shape; the model card measures every (colour, shape) pair right in all its seeds
+CASES = [("red", "circle"), ("blue", "square"), ("orange", "triangle"), ("purple", "star"), ("green", "cross"), ("cyan", "ring")]
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,16 @@ def test_single_file_holds_the_same_weights(parts):
         folder_sd, file_sd = getattr(parts, name).state_dict(), getattr(single, name).state_dict()
         assert folder_sd.keys() == file_sd.keys(), name
         assert all(torch.equal(folder_sd[k], file_sd[k]) for k in folder_sd), name
+
+
+def test_shipped_files_fit_25_mb_with_the_real_clip_tokenizer(parts, tmp_path):
+    from library.models.tokenizer import build_clip_tokenizer
+
+    total = sum(p.stat().st_size for p in FOLDER.rglob("*") if p.is_file())
+    total += SINGLE_FILE.stat().st_size if SINGLE_FILE.is_file() else 0
+    assert total <= 25_000_000, f"models/tiny-sd-shapes* take {total / 1e6:.1f} MB"
+    # the folder ships vocab.json + merges.txt only; they must give CLIP's own token ids
+    reference = build_clip_tokenizer(tmp_path)
+    prompts = ["a red circle on a white background", "sks, (masterpiece:1.2), photo of a dog <|endoftext|>"]
+    assert parts.tokenizer(prompts).input_ids == reference(prompts).input_ids
+    assert parts.tokenizer.model_max_length == 77
