@@ -35,8 +35,12 @@ def dreambooth_folders(root: Path, count: int = 4, repeats: int = 1) -> Path:
 
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 600, launcher: list[str] | None = None):
-    """Run a recipe script in a fresh process; returns CompletedProcess with text output."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    """Run a recipe script in a fresh process; returns CompletedProcess with text output.
+
+    One CPU thread unless `env` says otherwise: several tests compare two runs bit for bit, and on some
+    CPUs (measured on an Intel Xeon, not on AMD EPYC) torch's multi-threaded kernels give run-to-run
+    differences of about 1e-5 in the trained weights. The tiny models also train faster on one thread."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     command = [*(launcher or [sys.executable]), str(ROOT / script), *args]
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
