@@ -11,7 +11,7 @@ shipped base model, then images are generated with fixed seeds and scored by too
   them. The share drawn as hearts (the concept leaking into prompts that do not ask for it) and the
   mean absolute pixel difference from the base model's images are printed too.
 
-The thresholds are stated in `concept_learned` and `test_regularization_images_reduce_drift`.
+The thresholds are stated beside MIN_SHARE_AFTER and MIN_KEPT_GAIN.
 """
 
 from __future__ import annotations

@@ -423,6 +423,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae_only", action="store_true", help="stop after training the VAE (kept in --work_dir)")
     parser.add_argument("--log", default="bench/results/pretrained_tiny/build.log")
     args = parser.parse_args(argv)
+    channel_list(args.unet_channels)  # a bad value stops here, not after the VAE stage
     if args.quick:
         args.train_images, args.unet_images, args.vae_steps, args.unet_steps, args.eval_seeds = 4000, 4000, 300, 400, 1
     return args
