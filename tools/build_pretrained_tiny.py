@@ -640,7 +640,8 @@ floating-point differences between CPUs). Times below are from the run that made
 * **U-Net and text encoder** ({t['unet']:.0f} s, trained together from scratch): UNet2DConditionModel
   {u['block_out_channels']}, 1 layer per block, cross-attention in the first three levels and the mid block,
   8 heads (SD1). 64 channels at the top (8x8) level too: in the same training time, 32 there drew the
-  right shape in 95 % of these samples and stars in 72 % (measured while choosing the width); CLIPTextModel with hidden size {tc['hidden_size']}, {tc['num_hidden_layers']} layers, MLP {tc['intermediate_size']}, the real CLIP
+  right shape in 95 % of these samples and stars in 72 % (measured while choosing the width; `--unet_channels`
+  sets the widths, `--unet_steps` the length); CLIPTextModel with hidden size {tc['hidden_size']}, {tc['num_hidden_layers']} layers, MLP {tc['intermediate_size']}, the real CLIP
   tokenizer (77 tokens). Epsilon prediction on SD's DDPM schedule (scaled_linear 0.00085-0.012, 1000
   steps), min-SNR-{args.min_snr_gamma:g} loss weights, offset noise {args.noise_offset:g} (without it the
   colours were wrong: at 8x8 latents the schedule leaves colour visible at the last timestep), {int(100 * args.caption_dropout)} % empty captions (for classifier-free guidance),
