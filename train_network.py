@@ -20,12 +20,24 @@ from pathlib import Path
 
 import torch
 
+from library.data.config_schema import DatasetSupport
+from library.recipe import Attached, Hooks, RecipeInfo
+
 DEFAULT_NETWORK_MODULE = "networks.lora"
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+INFO = RecipeInfo(
+    script="train_network",
+    description="Train a LoRA / LoCon network for Stable Diffusion 1.x/2.x.",
+    datasets=DatasetSupport("train_network", dreambooth=True, fine_tuning=True, masked_loss=True, dropout=True),
+    save_formats=("ckpt", "pt", "safetensors"),
+    default_save_format="safetensors",
+    tracker_name="network_train",
+)
+
 
 class NetworkRecipe:
-    script = "train_network"
+    info = INFO
 
     def __init__(self) -> None:
         self.network = None
@@ -68,7 +80,6 @@ class NetworkRecipe:
 
     def attach(self, ctx):
         from library.training.metadata import parse_network_kwargs
-        from library.training.trainer import Attached
 
         args, parts = ctx.args, ctx.parts
         if not args.network_module:
@@ -106,14 +117,13 @@ class NetworkRecipe:
         self.network = network
         self.suffix = args.save_model_as or "safetensors"
         return Attached(
-            trained=network,
             param_groups=groups,
+            trained=network,
             text_encoder_trains=train_text_encoder and bool(network.text_encoder_loras),
         )
 
-    def after_optimizer_step(self, ctx) -> None:
-        if ctx.args.scale_weight_norms:
-            self.network.apply_max_norm_regularization(ctx.args.scale_weight_norms, ctx.device)
+    def _apply_max_norm(self, ctx, progress) -> None:
+        self.network.apply_max_norm_regularization(ctx.args.scale_weight_norms, ctx.device)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         return self.network.state_dict()
@@ -127,7 +137,11 @@ class NetworkRecipe:
         return Path(folder) / f"{name}.{self.suffix}"
 
     def save(self, folder: Path, name: str, ctx, progress) -> Path:
-        from library.training.metadata import finalize_metadata, minimal_metadata, network_modelspec
+        from library.training.metadata import (
+            finalize_metadata,
+            minimal_metadata,
+            network_modelspec,
+        )
 
         args = ctx.args
         path = self.output_path(folder, name)
@@ -165,8 +179,8 @@ class NetworkRecipe:
             )
         return self._metadata
 
-    def hooks(self, args: argparse.Namespace) -> list:
-        return []
+    def hooks(self, args: argparse.Namespace) -> list[Hooks]:
+        return [Hooks(after_optimizer_step=self._apply_max_norm)] if args.scale_weight_norms else []
 
 
 def _merge_base_weights(args: argparse.Namespace, module, parts) -> None:
@@ -191,4 +205,4 @@ def _text_encoder_lr(args: argparse.Namespace):
 if __name__ == "__main__":
     from library.training.entry import run_recipe
 
-    sys.exit(run_recipe("train_network", NetworkRecipe()))
+    sys.exit(run_recipe(NetworkRecipe()))

@@ -2,29 +2,18 @@
 
 Each `add_*_arguments` adds one group, with the names, defaults and meaning of
 kohya-ss/sd-scripts (see docs/options.md). A recipe builds its parser from the
-groups it owns.
+groups it owns,
+shaped by its `RecipeInfo` (library/recipe.py).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-SCRIPT_DESCRIPTIONS = {
-    "train_network": "Train a LoRA / LoCon network for Stable Diffusion 1.x/2.x.",
-    "train_db": "DreamBooth: train the U-Net (and optionally the text encoder) of Stable Diffusion 1.x/2.x.",
-    "fine_tune": "Fine-tune a Stable Diffusion 1.x/2.x model from a metadata file.",
-    "train_textual_inversion": "Textual Inversion: learn new token embeddings for Stable Diffusion 1.x/2.x.",
-}
-
-# --save_model_as choices and default per script (full-model scripts default to the source format).
-SAVE_MODEL_AS = {
-    "train_network": (("ckpt", "pt", "safetensors"), "safetensors"),
-    "train_textual_inversion": (("ckpt", "pt", "safetensors"), "pt"),
-    "train_db": (("ckpt", "safetensors", "diffusers", "diffusers_safetensors"), None),
-    "fine_tune": (("ckpt", "safetensors", "diffusers", "diffusers_safetensors"), None),
-}
-
+if TYPE_CHECKING:
+    from library.recipe import RecipeInfo
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("base model")
@@ -43,6 +32,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tokenizer_cache_dir", type=str, default=None, help="folder to keep the tokenizer in (written once, read after)"
+    )
+    group.add_argument(
+        "--no_half_vae", action="store_true",
+        help="keep the VAE in float32 under --mixed_precision (fp16 VAEs can overflow to NaN latents)",
     )
 
 
@@ -71,8 +64,8 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
 
 
-def add_model_saving_arguments(parser: argparse.ArgumentParser, script: str) -> None:
-    choices, default = SAVE_MODEL_AS[script]
+def add_model_saving_arguments(parser: argparse.ArgumentParser, info: "RecipeInfo") -> None:
+    choices, default = info.save_formats, info.default_save_format
     group = parser.add_argument_group("saving")
     group.add_argument(
         "--save_model_as",
@@ -84,10 +77,25 @@ def add_model_saving_arguments(parser: argparse.ArgumentParser, script: str) -> 
     group.add_argument(
         "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"], help="dtype of saved weights"
     )
-    if script in ("train_db", "fine_tune"):
+    if info.saves_full_models:
         group.add_argument(
-            "--use_safetensors", action="store_true", help="save as .safetensors when --save_model_as is not given"
+            "--use_safetensors", action="store_true",
+            help="without --save_model_as: save the model's own format with .safetensors weights",
         )
+    add_modelspec_arguments(parser)
+
+
+def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:
+    """--metadata_* options: the modelspec.* keys written into saved .safetensors files."""
+    group = parser.add_argument_group("model metadata (modelspec)")
+    for field, text in (
+        ("title", "title (default: --output_name)"),
+        ("author", "author"),
+        ("description", "description"),
+        ("license", "license"),
+        ("tags", "comma-separated tags"),
+    ):
+        group.add_argument(f"--metadata_{field}", type=str, default=None, help=f"modelspec {text}")
 
 
 def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,36 +108,40 @@ def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(script: str) -> argparse.ArgumentParser:
-    """The parser of one recipe, with the option groups built so far."""
-    parser = argparse.ArgumentParser(prog=f"{script}.py", description=SCRIPT_DESCRIPTIONS[script])
+def build_parser(info: "RecipeInfo") -> argparse.ArgumentParser:
+    """The parser of one recipe: the shared option groups, shaped by the recipe's description."""
+    parser = argparse.ArgumentParser(prog=f"{info.script}.py", description=info.description)
     from library.data.dataset_args import add_dataset_arguments
 
     add_model_arguments(parser)
-    add_dataset_arguments(parser, script)
-    add_text_encoding_arguments(parser, weighted_captions=script != "train_textual_inversion")
+    add_dataset_arguments(parser, info.datasets)
+    add_text_encoding_arguments(parser, weighted_captions=info.weighted_captions)
     add_attention_arguments(parser)
-    add_model_saving_arguments(parser, script)
-    add_training_groups(parser, script)
+    add_model_saving_arguments(parser, info)
+    add_training_groups(parser, info.tracker_name)
     add_config_file_arguments(parser)
     return parser
 
 
-def add_training_groups(parser: argparse.ArgumentParser, script: str) -> None:
+def add_training_groups(parser: argparse.ArgumentParser, tracker_name: str) -> None:
     """The shared training loop's options: schedule, precision, noise/loss, optimizer, LR, outputs, logging."""
     from library.training.hub import add_hub_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
     from library.training.noise import add_noise_arguments
     from library.training.optimizers import add_optimizer_arguments
     from library.training.sampling import add_sampling_arguments
-    from library.training.training_args import add_logging_arguments, add_output_arguments, add_training_arguments
+    from library.training.training_args import (
+        add_logging_arguments,
+        add_output_arguments,
+        add_training_arguments,
+    )
 
     add_training_arguments(parser)
     add_noise_arguments(parser)
     add_optimizer_arguments(parser)
     add_lr_scheduler_arguments(parser)
     add_output_arguments(parser)
-    add_logging_arguments(parser, script)
+    add_logging_arguments(parser, tracker_name)
     add_sampling_arguments(parser)
     add_hub_arguments(parser)
 
@@ -161,10 +173,13 @@ def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
             values.update(value)
         else:
             values[key] = value
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in values if k not in known)
+    # Keys are option names; an alias spelling (--diffusers_xformers) stores into its option's dest.
+    dests = {a.dest: a.dest for a in parser._actions}
+    dests.update({name.lstrip("-"): a.dest for a in parser._actions for name in a.option_strings})
+    unknown = sorted(k for k in values if k not in dests)
     if unknown:
         parser.error(f"--config_file {path}: unknown option(s) {', '.join(unknown)}")
+    values = {dests[k]: v for k, v in values.items()}
     # Parse again with file values as defaults so command-line values still take precedence
     # and argparse applies its type conversions and choice checks to both.
     parser.set_defaults(**values)

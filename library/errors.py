@@ -1,24 +1,15 @@
-"""Which exceptions are the user's to fix (reported as one line) rather than bugs (reported with a traceback)."""
+"""User errors: problems the user can fix (an option, a file, a dataset), reported as one line without a traceback.
+
+Every wing's user-facing exception subclasses `UserError`, so the scripts' one `except` needs no list
+of classes. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from library.data.captions import CaptionFileError
-    from library.data.config_schema import DatasetConfigError
-    from library.data.dataset_scan import UnreadableImagesError
-    from library.data.images import ImageReadError
-    from library.data.latent_cache import LatentCacheError
-    from library.models.attention import AttentionBackendError
-    from library.models.checkpoint_io import UnsafeCheckpointError
-    from library.models.loading import ModelLoadError
-
-    return (
-        ModelLoadError, UnsafeCheckpointError, AttentionBackendError,
-        CaptionFileError, DatasetConfigError, ImageReadError, LatentCacheError,
-        UnreadableImagesError, FileNotFoundError,
-    )
+class UserError(Exception):
+    """Base of every error whose message tells the user what to fix."""
 
 
 def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, user_error_types())
+    return isinstance(err, (UserError, FileNotFoundError))

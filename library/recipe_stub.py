@@ -1,11 +1,10 @@
-"""What a recipe script does until its training loop exists: parse and check options, load the base model, say what is missing."""
+"""What a recipe script runs until its training loop exists: parse and check options, load the base model, say what is missing."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from library.args import build_parser, parse_args, write_config_file
+from library.recipe import RecipeInfo
 
 NOT_BUILT = (
     "{script}.py: training is not built yet in this version. Built so far: option parsing and --config_file, "
@@ -15,40 +14,32 @@ NOT_BUILT = (
 )
 
 
-def run(script: str, argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    parser = build_parser(script)
-    args = parse_args(parser, argv)
-    if args.output_config:
-        print(f"wrote {write_config_file(parser, args)}")
-        return 0
-    try:
-        if args.xformers:
-            from library.models.attention import check_xformers_usable
+def run(info: RecipeInfo, argv: list[str] | None = None) -> int:
+    from library.training.entry import run_script
 
-            check_xformers_usable()
-        from library.data.pipeline import prepare_datasets, wants_datasets
+    return run_script(info, lambda args: _describe(info, args), argv=argv)
 
-        if wants_datasets(args):
-            group = prepare_datasets(args, script)
-            if args.debug_dataset:
-                from library.data.preview import run_debug_dataset
 
-                run_debug_dataset(group, None)
-                return 0
-        elif args.debug_dataset:
-            print("error: --debug_dataset needs a dataset (--dataset_config or --train_data_dir)", file=sys.stderr)
-            return 1
-        if args.pretrained_model_name_or_path:
-            _describe_base_model(args)
-    except Exception as err:  # noqa: BLE001 - every failure here is reported as one clear line
-        from library.errors import is_user_error
+def _describe(info: RecipeInfo, args) -> int:
+    if args.xformers:
+        from library.models.attention import check_xformers_usable
 
-        if not is_user_error(err):
-            raise
-        print(f"error: {err}", file=sys.stderr)
+        check_xformers_usable()
+    from library.data.pipeline import prepare_datasets, wants_datasets
+
+    if wants_datasets(args):
+        group = prepare_datasets(args, info.datasets)
+        if args.debug_dataset:
+            from library.data.preview import run_debug_dataset
+
+            run_debug_dataset(group, None)
+            return 0
+    elif args.debug_dataset:
+        print("error: --debug_dataset needs a dataset (--dataset_config or --train_data_dir)", file=sys.stderr)
         return 1
-    print(NOT_BUILT.format(script=script), file=sys.stderr)
+    if args.pretrained_model_name_or_path:
+        _describe_base_model(args)
+    print(NOT_BUILT.format(script=info.script), file=sys.stderr)
     return 2
 
 

@@ -346,8 +346,8 @@ class LoRANetwork(torch.nn.Module):
 
     def save_weights(self, file, dtype=None, metadata=None) -> None:
         """Write .safetensors (with metadata + sshs_* hashes) or .pt/.ckpt (tensors only), atomically."""
+        from library.hashing import precalculate_safetensors_hashes
         from library.models.checkpoint_io import write_state_dict
-        from library.training.metadata import precalculate_safetensors_hashes
 
         state_dict = {k: v.detach().to("cpu", dtype=dtype).clone() for k, v in self.state_dict().items()}
         if Path(file).suffix.lower() == ".safetensors":

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from library.args import build_parser, parse_args, write_config_file
+from library.args import parse_args, write_config_file
+from tests.recipe_infos import SCRIPTS, parser_for
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("train_network", "train_db", "fine_tune", "train_textual_inversion")
 # Options of reference/cli.md these scripts own so far (the foundation groups).
 OWNED = (
     "--pretrained_model_name_or_path",
@@ -42,18 +42,18 @@ def test_help_lists_owned_options(script):
 
 
 def test_save_model_as_choices_and_defaults_follow_sd_scripts():
-    assert build_parser("train_network").parse_args([]).save_model_as == "safetensors"
-    assert build_parser("train_textual_inversion").parse_args([]).save_model_as == "pt"
-    assert build_parser("train_db").parse_args([]).save_model_as is None  # source format
+    assert parser_for("train_network").parse_args([]).save_model_as == "safetensors"
+    assert parser_for("train_textual_inversion").parse_args([]).save_model_as == "pt"
+    assert parser_for("train_db").parse_args([]).save_model_as is None  # source format
     with pytest.raises(SystemExit):
-        build_parser("train_network").parse_args(["--save_model_as", "diffusers"])
-    assert build_parser("fine_tune").parse_args(["--save_model_as", "diffusers_safetensors"]).save_model_as
+        parser_for("train_network").parse_args(["--save_model_as", "diffusers"])
+    assert parser_for("fine_tune").parse_args(["--save_model_as", "diffusers_safetensors"]).save_model_as
 
 
 def test_config_file_fills_options_and_command_line_wins(tmp_path):
     config = tmp_path / "args.toml"
     config.write_text('[model]\nv2 = true\nclip_skip = 2\n[saving]\nsave_precision = "fp16"\n')
-    parser = build_parser("train_network")
+    parser = parser_for("train_network")
     args = parse_args(parser, ["--config_file", str(config), "--clip_skip", "1"])
     assert args.v2 is True and args.save_precision == "fp16"
     assert args.clip_skip == 1
@@ -63,13 +63,13 @@ def test_config_file_unknown_key_is_named(tmp_path, capsys):
     config = tmp_path / "args.toml"
     config.write_text("clip_skipp = 2\n")
     with pytest.raises(SystemExit):
-        parse_args(build_parser("train_network"), ["--config_file", str(config)])
+        parse_args(parser_for("train_network"), ["--config_file", str(config)])
     assert "clip_skipp" in capsys.readouterr().err
 
 
 def test_output_config_writes_non_defaults_once(tmp_path):
     target = tmp_path / "saved.toml"
-    parser = build_parser("train_db")
+    parser = parser_for("train_db")
     args = parse_args(parser, ["--config_file", str(target), "--output_config", "--clip_skip", "2", "--v2"])
     write_config_file(parser, args)
     import toml
@@ -80,7 +80,7 @@ def test_output_config_writes_non_defaults_once(tmp_path):
 
 
 def test_script_loads_model_then_says_training_is_not_built(tiny_models):
-    result = run_script("train_db", "--pretrained_model_name_or_path", str(tiny_models["sd1_file"]))
+    result = run_script("train_textual_inversion", "--pretrained_model_name_or_path", str(tiny_models["sd1_file"]))
     assert result.returncode == 2, result.stderr
     assert "single_file, SD1" in result.stdout
     assert "not built yet" in result.stderr

@@ -24,14 +24,14 @@ from library.data.config import (
 )
 from library.data.config_schema import validate_dataset_config
 from library.data.dataset_args import add_dataset_arguments
+from tests.recipe_infos import SCRIPTS, support
 
-SCRIPTS = ("train_network", "train_db", "fine_tune", "train_textual_inversion")
 METADATA = {"metadata_file": "meta.json"}
 
 
 def parse(script: str = "train_network", *argv: str, **extra) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_dataset_arguments(parser, script)
+    add_dataset_arguments(parser, support(script))
     args = parser.parse_args(list(argv))
     for key, value in extra.items():  # options owned by other groups (e.g. --masked_loss)
         setattr(args, key, value)
@@ -47,7 +47,7 @@ def make_images(folder: Path, count: int = 2, suffix: str = ".png") -> Path:
 
 def problems_of(raw: dict, script: str = "train_network", **kwargs) -> list[str]:
     with pytest.raises(DatasetConfigError) as info:
-        validate_dataset_config(raw, script, **kwargs)
+        validate_dataset_config(raw, support(script), **kwargs)
     return info.value.problems
 
 
@@ -60,7 +60,7 @@ def db_config(**subset) -> dict:
 
 def option_names(script: str) -> set[str]:
     parser = argparse.ArgumentParser()
-    add_dataset_arguments(parser, script)
+    add_dataset_arguments(parser, support(script))
     return {s for a in parser._actions for s in a.option_strings}
 
 
@@ -83,7 +83,7 @@ def test_option_defaults_and_hidden_alias():
     assert (args.token_warmup_min, args.token_warmup_step, args.prior_loss_weight) == (1, 0, 1.0)
     assert args.resolution is None and args.shuffle_caption is False and args.skip_unreadable_images is False
     parser = argparse.ArgumentParser()
-    add_dataset_arguments(parser, "train_db")
+    add_dataset_arguments(parser, support("train_db"))
     assert "--caption_extention" not in parser.format_help()
 
 
@@ -174,7 +174,7 @@ def test_every_problem_is_reported_at_once():
         ],
     }
     with pytest.raises(DatasetConfigError) as info:
-        validate_dataset_config(raw, "train_network")
+        validate_dataset_config(raw, support("train_network"))
     text = str(info.value)
     assert text.splitlines()[0] == "6 problems in the dataset settings:"
     assert len(info.value.problems) == 6 and len(text.splitlines()) == 7
@@ -185,8 +185,8 @@ def test_every_problem_is_reported_at_once():
 
 def test_mask_kind_needs_masked_loss_and_every_subset():
     raw = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": "a", "conditioning_data_dir": "m"}]}]}
-    validate_dataset_config(raw, "train_network", masked_loss=True)
-    validate_dataset_config(raw, "train_db", masked_loss=True)
+    validate_dataset_config(raw, support("train_network"), masked_loss=True)
+    validate_dataset_config(raw, support("train_db"), masked_loss=True)
     raw["datasets"][0]["subsets"].append({"image_dir": "b"})
     (problem,) = problems_of(raw, masked_loss=True)
     assert "every one of its subsets has conditioning_data_dir" in problem
@@ -208,7 +208,7 @@ def test_fallback_order_subset_dataset_general_cli_default():
         ],
     }
     args = parse("train_network", "--caption_separator", ";", "--shuffle_caption", "--train_batch_size", "3")
-    first, second = blueprints_from_config(raw, args, "train_network", check_paths=False)[0].subsets
+    first, second = blueprints_from_config(raw, args, support("train_network"), check_paths=False)[0].subsets
     assert (first.keep_tokens, second.keep_tokens) == (1, 2)  # subset > dataset
     assert first.caption_prefix == "d" and first.caption_suffix == "g"  # dataset > general
     assert first.caption_separator == ";" and first.shuffle_caption is True  # command line
@@ -219,14 +219,14 @@ def test_fallback_order_subset_dataset_general_cli_default():
 def test_zero_and_false_stop_the_search_before_the_command_line():
     raw = {"general": {"shuffle_caption": False, "keep_tokens": 0, "batch_size": 2}, **db_config()}
     args = parse("train_network", "--shuffle_caption", "--keep_tokens", "4", "--train_batch_size", "8")
-    (dataset,) = blueprints_from_config(raw, args, "train_network", check_paths=False)
+    (dataset,) = blueprints_from_config(raw, args, support("train_network"), check_paths=False)
     assert dataset.batch_size == 2
     assert dataset.subsets[0].shuffle_caption is False and dataset.subsets[0].keep_tokens == 0
 
 
 def test_defaults_when_the_script_lacks_the_option():
     args = argparse.Namespace(resolution="512")  # nothing else on the command line
-    (dataset,) = blueprints_from_config(db_config(), args, "train_textual_inversion", check_paths=False)
+    (dataset,) = blueprints_from_config(db_config(), args, support("train_textual_inversion"), check_paths=False)
     subset = dataset.subsets[0]
     assert (subset.caption_separator, subset.keep_tokens_separator, subset.caption_extension) == (",", "", ".caption")
     assert (subset.caption_dropout_rate, subset.num_repeats, dataset.batch_size) == (0.0, 1, 1)
@@ -236,7 +236,7 @@ def test_cli_name_mapping_resolution_and_alias():
     raw = {"datasets": [{"subsets": [{"image_dir": "a"}]}]}
     args = parse("train_network", "--resolution", "512,768", "--train_batch_size", "4", "--dataset_repeats", "3",
                  "--caption_extention", ".txt", "--face_crop_aug_range", "2.0,4.0")
-    (dataset,) = blueprints_from_config(raw, args, "train_network", check_paths=False)
+    (dataset,) = blueprints_from_config(raw, args, support("train_network"), check_paths=False)
     assert dataset.resolution == (512, 768) and dataset.batch_size == 4
     assert dataset.subsets[0].num_repeats == 3 and dataset.subsets[0].caption_extension == ".txt"
     assert dataset.subsets[0].face_crop_aug_range == (2.0, 4.0)
@@ -249,13 +249,13 @@ def test_size_option_parsing():
     with pytest.raises(ValueError, match="expected 512 or 512,768"):
         parse_size_option("512x768", "--resolution")
     with pytest.raises(DatasetConfigError, match="--resolution: expected"):
-        blueprints_from_config(db_config(), parse("train_network", "--resolution", "abc"), "train_network")
+        blueprints_from_config(db_config(), parse("train_network", "--resolution", "abc"), support("train_network"))
 
 
 def test_missing_resolution_names_both_places():
     raw = {"datasets": [{"subsets": [{"image_dir": "a"}]}]}
     with pytest.raises(DatasetConfigError) as info:
-        blueprints_from_config(raw, parse(), "train_network", check_paths=False)
+        blueprints_from_config(raw, parse(), support("train_network"), check_paths=False)
     (problem,) = info.value.problems
     assert problem.startswith("datasets[0]: no resolution") and "--resolution 512" in problem and "[general]" in problem
 
@@ -263,13 +263,13 @@ def test_missing_resolution_names_both_places():
 def test_bucket_reso_rounding_and_checks(caplog):
     raw = {"general": {"enable_bucket": True, "min_bucket_reso": 300, "max_bucket_reso": 1000}, **db_config()}
     with caplog.at_level(logging.WARNING):
-        (dataset,) = blueprints_from_config(raw, parse(), "train_network", check_paths=False)
+        (dataset,) = blueprints_from_config(raw, parse(), support("train_network"), check_paths=False)
     assert (dataset.min_bucket_reso, dataset.max_bucket_reso) == (256, 1024)
     assert "min_bucket_reso 300 rounded to 256" in caplog.text
     raw = {"general": {"enable_bucket": True, "min_bucket_reso": 640, "max_bucket_reso": 700}, **db_config()}
     raw["datasets"][0]["resolution"] = [512, 1024]
     with pytest.raises(DatasetConfigError) as info:
-        blueprints_from_config(raw, parse(), "train_network", check_paths=False)
+        blueprints_from_config(raw, parse(), support("train_network"), check_paths=False)
     first, second = info.value.problems
     assert "min_bucket_reso 640 is larger than the shorter side of resolution 512x1024" in first
     assert "max_bucket_reso 704 is smaller than the longer side" in second
@@ -278,14 +278,14 @@ def test_bucket_reso_rounding_and_checks(caplog):
 def test_bucket_reso_steps_must_be_a_multiple_of_64():
     with pytest.raises(DatasetConfigError, match="not a multiple of 64.*latents are 1/8"):
         args = parse("train_db", "--bucket_reso_steps", "32")
-        blueprints_from_config(db_config(), args, "train_db", check_paths=False)
+        blueprints_from_config(db_config(), args, support("train_db"), check_paths=False)
 
 
 def test_fixed_size_must_divide_by_8():
     raw = db_config()
     raw["datasets"][0]["resolution"] = 500
     with pytest.raises(DatasetConfigError, match="500x500 is not divisible by 8"):
-        blueprints_from_config(raw, parse(), "train_network", check_paths=False)
+        blueprints_from_config(raw, parse(), support("train_network"), check_paths=False)
 
 
 def test_zero_repeats_and_duplicates_are_dropped_with_warnings(caplog):
@@ -293,7 +293,7 @@ def test_zero_repeats_and_duplicates_are_dropped_with_warnings(caplog):
     subsets = [a, b, dict(a), {**a, "is_reg": True}]
     raw = {"datasets": [{"resolution": 512, "subsets": subsets}]}
     with caplog.at_level(logging.WARNING):
-        (dataset,) = blueprints_from_config(raw, parse(), "train_network", check_paths=False)
+        (dataset,) = blueprints_from_config(raw, parse(), support("train_network"), check_paths=False)
     assert [(s.image_dir, s.is_reg) for s in dataset.subsets] == [("a", False), ("a", True)]
     assert "datasets[0].subsets[1]: num_repeats is 0" in caplog.text
     assert "datasets[0].subsets[2]: same settings as datasets[0].subsets[0]" in caplog.text
@@ -301,7 +301,7 @@ def test_zero_repeats_and_duplicates_are_dropped_with_warnings(caplog):
 
 def test_blueprints_are_immutable_with_real_string_separators():
     raw = db_config(custom_attributes={"style": {"a": 1}})
-    (dataset,) = blueprints_from_config(raw, parse(), "train_network", check_paths=False)
+    (dataset,) = blueprints_from_config(raw, parse(), support("train_network"), check_paths=False)
     subset = dataset.subsets[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
         subset.num_repeats = 5
@@ -389,7 +389,7 @@ def write_config(tmp_path: Path, text: str, folders: tuple[str, ...]) -> Path:
 
 def test_example_dreambooth_with_regularization(tmp_path):
     path = write_config(tmp_path, EXAMPLE_DREAMBOOTH, ("train/sls_frog", "reg/frog"))
-    (dataset,) = blueprints_from_args(parse("train_db", "--dataset_config", str(path)), "train_db")
+    (dataset,) = blueprints_from_args(parse("train_db", "--dataset_config", str(path)), support("train_db"))
     assert (dataset.kind, dataset.resolution, dataset.batch_size) == ("dreambooth", (512, 512), 4)
     assert dataset.enable_bucket is True
     train, reg = dataset.subsets
@@ -400,7 +400,7 @@ def test_example_dreambooth_with_regularization(tmp_path):
 
 def test_example_dreambooth_caption_files(tmp_path):
     path = write_config(tmp_path, EXAMPLE_CAPTIONS, ("chara_a", "reg_girl"))
-    (dataset,) = blueprints_from_args(parse("train_network", "--dataset_config", str(path)), "train_network")
+    (dataset,) = blueprints_from_args(parse("train_network", "--dataset_config", str(path)), support("train_network"))
     assert (dataset.kind, dataset.resolution, dataset.batch_size) == ("dreambooth", (512, 768), 2)
     chara, reg = dataset.subsets
     assert (chara.num_repeats, chara.caption_extension, chara.class_tokens, chara.is_reg) == (8, ".txt", None, False)
@@ -411,7 +411,7 @@ def test_example_dreambooth_caption_files(tmp_path):
 def test_example_fine_tuning(tmp_path):
     path = write_config(tmp_path, EXAMPLE_FINE_TUNING, ("piyo",))
     (tmp_path / "piyo" / "meta_lat.json").write_text(json.dumps({"img0": {"caption": "a"}}), encoding="utf-8")
-    (dataset,) = blueprints_from_args(parse("fine_tune", "--dataset_config", str(path)), "fine_tune")
+    (dataset,) = blueprints_from_args(parse("fine_tune", "--dataset_config", str(path)), support("fine_tune"))
     assert (dataset.kind, dataset.resolution, dataset.batch_size) == ("fine_tuning", (512, 512), 4)
     assert (dataset.min_bucket_reso, dataset.max_bucket_reso, dataset.enable_bucket) == (320, 960, True)
     (subset,) = dataset.subsets
@@ -422,7 +422,7 @@ def test_example_fine_tuning(tmp_path):
 def test_example_fine_tuning_is_refused_by_train_db(tmp_path):
     path = write_config(tmp_path, EXAMPLE_FINE_TUNING, ("piyo",))
     with pytest.raises(DatasetConfigError, match="train_db.py does not train on fine-tuning"):
-        blueprints_from_args(parse("train_db", "--dataset_config", str(path)), "train_db")
+        blueprints_from_args(parse("train_db", "--dataset_config", str(path)), support("train_db"))
 
 
 def test_json_config_and_missing_paths(tmp_path):
@@ -434,7 +434,7 @@ def test_json_config_and_missing_paths(tmp_path):
     path.write_text(json.dumps(config), encoding="utf-8")
     assert load_dataset_config_file(path) == config
     with pytest.raises(DatasetConfigError) as info:
-        blueprints_from_args(parse("train_network", "--dataset_config", str(path)), "train_network")
+        blueprints_from_args(parse("train_network", "--dataset_config", str(path)), support("train_network"))
     (problem,) = info.value.problems
     assert problem.startswith("datasets[0].subsets[1].image_dir: '") and "not found" in problem
     assert "dataset.JSON" in str(info.value).splitlines()[0]
@@ -473,7 +473,7 @@ def test_config_file_warns_that_folder_options_are_ignored(tmp_path, caplog):
     path = write_config(tmp_path, EXAMPLE_DREAMBOOTH, ("train/sls_frog", "reg/frog"))
     args = parse("train_network", "--dataset_config", str(path), "--train_data_dir", "x", "--in_json", "m.json")
     with caplog.at_level(logging.WARNING):
-        blueprints_from_args(args, "train_network")
+        blueprints_from_args(args, support("train_network"))
     assert "--train_data_dir, --in_json ignored because --dataset_config is given" in caplog.text
 
 
@@ -494,7 +494,7 @@ def test_legacy_dreambooth_folders(tmp_path):
     make_images(tmp_path / "reg" / "1_frog")
     args = parse("train_db", "--train_data_dir", str(tmp_path / "train"), "--reg_data_dir", str(tmp_path / "reg"),
                  "--resolution", "512", "--shuffle_caption")
-    (dataset,) = blueprints_from_args(args, "train_db")
+    (dataset,) = blueprints_from_args(args, support("train_db"))
     assert dataset.kind == "dreambooth" and dataset.resolution == (512, 512)
     found = [(Path(s.image_dir).name, s.num_repeats, s.class_tokens, s.is_reg) for s in dataset.subsets]
     assert found == [
@@ -512,7 +512,7 @@ def test_legacy_misnamed_folders_are_reported_together(tmp_path):
     make_images(tmp_path / "train" / "0_zero")
     args = parse("train_network", "--train_data_dir", str(tmp_path / "train"), "--resolution", "512")
     with pytest.raises(DatasetConfigError) as info:
-        blueprints_from_args(args, "train_network")
+        blueprints_from_args(args, support("train_network"))
     zero, bad = info.value.problems
     assert "'0_zero' has 0 repeats" in zero
     assert "'notanumber_x' does not start with a repeat count" in bad and "'<repeats>_<identifier> <class>'" in bad
@@ -523,7 +523,7 @@ def test_legacy_images_directly_in_the_parent(tmp_path):
     make_images(tmp_path / "train")
     args = parse("train_network", "--train_data_dir", str(tmp_path / "train"), "--resolution", "512")
     with pytest.raises(DatasetConfigError) as info:
-        blueprints_from_args(args, "train_network")
+        blueprints_from_args(args, support("train_network"))
     (problem,) = info.value.problems
     assert "holds 2 image(s) itself" in problem and "must be the parent of image folders" in problem
 
@@ -531,13 +531,13 @@ def test_legacy_images_directly_in_the_parent(tmp_path):
 def test_legacy_missing_folders_and_resolution(tmp_path):
     args = parse("train_network", "--train_data_dir", str(tmp_path / "nope"), "--reg_data_dir", str(tmp_path / "nope2"))
     with pytest.raises(DatasetConfigError) as info:
-        blueprints_from_args(args, "train_network")
+        blueprints_from_args(args, support("train_network"))
     assert [p.split(": ")[-1] for p in info.value.problems] == ["folder not found", "folder not found"]
     make_images(tmp_path / "train" / "2_x")
     with pytest.raises(DatasetConfigError, match="no resolution given; pass --resolution 512"):
-        blueprints_from_args(parse("train_network", "--train_data_dir", str(tmp_path / "train")), "train_network")
+        blueprints_from_args(parse("train_network", "--train_data_dir", str(tmp_path / "train")), support("train_network"))
     with pytest.raises(DatasetConfigError, match="no training data given"):
-        blueprints_from_args(parse("train_network"), "train_network")
+        blueprints_from_args(parse("train_network"), support("train_network"))
 
 
 def test_legacy_in_json(tmp_path):
@@ -546,9 +546,9 @@ def test_legacy_in_json(tmp_path):
     meta.write_text("{}", encoding="utf-8")
     args = parse("fine_tune", "--train_data_dir", str(tmp_path / "imgs"), "--in_json", str(meta),
                  "--dataset_repeats", "4", "--resolution", "512,640")
-    (dataset,) = blueprints_from_args(args, "fine_tune")
+    (dataset,) = blueprints_from_args(args, support("fine_tune"))
     (subset,) = dataset.subsets
     assert dataset.kind == "fine_tuning" and dataset.resolution == (512, 640)
     assert (subset.metadata_file, subset.image_dir, subset.num_repeats) == (str(meta), str(tmp_path / "imgs"), 4)
     with pytest.raises(DatasetConfigError, match="fine_tune.py trains from a metadata file"):
-        blueprints_from_args(parse("fine_tune", "--train_data_dir", str(tmp_path / "imgs")), "fine_tune")
+        blueprints_from_args(parse("fine_tune", "--train_data_dir", str(tmp_path / "imgs")), support("fine_tune"))

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from library.args import build_parser
 from library.training.checkpoints import ResumeError
-from library.training.hub import STAGING_DIR, HubUploader, download_state, hub_option_problems, parse_resume_spec
+from library.training.hub import (
+    STAGING_DIR,
+    HubUploader,
+    download_state,
+    hub_option_problems,
+    parse_resume_spec,
+)
 from library.training.training_args import training_option_problems
-
-SCRIPTS = ("train_network", "train_db", "fine_tune", "train_textual_inversion")
+from tests.recipe_infos import SCRIPTS, parser_for
 
 
 class FakeApi:
@@ -60,7 +64,7 @@ class FakeApi:
 
 
 def parse(*argv: str, script: str = "train_network") -> argparse.Namespace:
-    return build_parser(script).parse_args(list(argv))
+    return parser_for(script).parse_args(list(argv))
 
 
 def hub_args(*argv: str) -> argparse.Namespace:
@@ -300,6 +304,9 @@ class _Accelerator:
 
 
 class _Recipe:
+    def hooks(self, args):
+        return []
+
     def save(self, folder, name, ctx, progress):
         path = Path(folder) / f"{name}.safetensors"
         path.write_bytes(b"m")
@@ -327,7 +334,12 @@ def test_trainer_save_uploads_the_model_and_optionally_the_state(tmp_path, state
 
 
 def test_offline_uploads_fail_with_a_warning_and_training_completes(tiny_models, tmp_path):
-    from tests.training_helpers import assert_ok, lora_args, run_script, write_image_folder
+    from tests.training_helpers import (
+        assert_ok,
+        lora_args,
+        run_script,
+        write_image_folder,
+    )
 
     data = write_image_folder(tmp_path / "data" / "1_sq", count=2, caption="a square")
     out = tmp_path / "out"

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.models.checkpoint_io import UnsafeCheckpointError, read_state_dict, write_state_dict
+from library.models.checkpoint_io import (
+    UnsafeCheckpointError,
+    read_state_dict,
+    write_state_dict,
+)
 from library.models.loading import ModelLoadError, load_base_model, load_vae
 from library.models.saving import save_model
 
@@ -99,6 +103,39 @@ def test_diffusers_from_single_file_reads_our_file(tmp_path, tiny_models, loaded
         str(tiny_models["sd1_file"]), config=str(tiny_models["sd1"]), local_files_only=True
     )
     assert_same_weights(loaded["sd1"], pipe)
+
+
+def test_saved_scheduler_is_sds_ddim_config_and_loads_without_steps_offset_warning(tmp_path, loaded):
+    import json
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+
+    def load_warnings(folder):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        return pipe, [str(w.message) for w in caught if "steps_offset" in str(w.message)]
+
+    folder = save_model(tmp_path / "m", loaded["sd1"], "diffusers_safetensors")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["_class_name"] == "DDIMScheduler"
+    expected = {
+        "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+    }
+    assert {k: config.get(k) for k in expected} == expected
+    pipe, steps_offset_warnings = load_warnings(folder)
+    assert steps_offset_warnings == [] and pipe.scheduler.config.steps_offset == 1
+    # the check sees the warning diffusers gives for the config we used to write
+    config_file.write_text(json.dumps({**config, "steps_offset": 0}))
+    assert load_warnings(folder)[1]
+
+    sd2_folder = save_model(tmp_path / "v", loaded["sd2"], "diffusers_safetensors")
+    sd2 = json.loads((sd2_folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sd2["prediction_type"] == "v_prediction" and sd2["steps_offset"] == 1
 
 
 def test_saved_text_encoder_uses_transformers4_layout_and_5_reads_it(tmp_path, loaded):

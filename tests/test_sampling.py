@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from library.training.checkpoints import Progress
+from library.training.modes import eval_mode
 from library.training.sample_prompts import SamplePrompt
 from library.training.sampling import (
     SAMPLER_CHOICES,
@@ -32,6 +33,7 @@ from library.training.sampling import (
     sample_file_name,
     sampling_option_problems,
 )
+from tests.recipe_infos import parser_for
 from tests.training_helpers import assert_ok, dreambooth_folders, lora_args, run_script
 
 NAME = re.compile(r"^(?:(?P<name>.+)_)?(?P<counter>e?\d{6})_(?P<idx>\d{2,})_(?P<stamp>\d{14})_(?P<seed>\d+)\.png$")
@@ -49,9 +51,8 @@ def sd1(tiny_models):
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    from library.args import build_parser
 
-    return build_parser("train_network").parse_args(list(argv))
+    return parser_for("train_network").parse_args(list(argv))
 
 
 def pixels(path_or_image) -> np.ndarray:
@@ -201,15 +202,17 @@ class FakeAccelerator:
         return nullcontext()
 
 
-def fake_trainer(parts, output_dir, trackers=(), recipe=None, trained=None):
+def fake_ctx(parts, output_dir, trackers=(), caption=None, trained=None):
+    """The training context a hook receives, as the trainer fills it (modes: the trainer's evaluation)."""
     accelerator = FakeAccelerator(trackers)
     return SimpleNamespace(
         accelerator=accelerator,
-        ctx=SimpleNamespace(parts=parts, device=accelerator.device),
+        parts=parts,
+        device=accelerator.device,
         output_dir=output_dir,
         seed=7,
-        recipe=recipe or SimpleNamespace(),
-        attached=SimpleNamespace(trained=trained) if trained is not None else None,
+        caption=caption or (lambda text: text),
+        evaluation=lambda: eval_mode([parts.unet, parts.text_encoder, parts.vae, trained]),
     )
 
 
@@ -230,7 +233,7 @@ def test_hook_writes_files_and_logs_to_tensorboard(sd1, prompt_file, tmp_path):
     hook = make_sampling_hook(args)
     writer = FakeWriter()
     tracker = SimpleNamespace(name="tensorboard", writer=writer)
-    trainer = fake_trainer(sd1, tmp_path / "out", trackers=[tracker])
+    trainer = fake_ctx(sd1, tmp_path / "out", trackers=[tracker])
     hook.after_step(trainer, Progress(1, 0, 1))
     assert not (tmp_path / "out" / "sample").exists()
     hook.after_step(trainer, Progress(2, 0, 2))
@@ -268,7 +271,7 @@ def test_hook_leaves_modes_rng_and_vae_as_they_were(sd1, prompt_file, tmp_path):
         torch.manual_seed(123)
         np.random.seed(123)
         random.seed(123)
-        trainer = fake_trainer(sd1, tmp_path / "out", recipe=SimpleNamespace(sample_prompt_rewrite=rewrite), trained=network)
+        trainer = fake_ctx(sd1, tmp_path / "out", caption=rewrite, trained=network)
         hook.at_start(trainer, Progress())
         after = (torch.rand(3), np.random.rand(3), random.random())
         modes_after = [m.training for module in (sd1.unet, sd1.text_encoder, sd1.vae, network) for m in module.modules()]
@@ -283,7 +286,7 @@ def test_hook_leaves_modes_rng_and_vae_as_they_were(sd1, prompt_file, tmp_path):
 
 def test_cadence_steps_epochs_and_first(monkeypatch):
     calls = []
-    monkeypatch.setattr(SamplingHook, "sample", lambda self, trainer, progress, counter: calls.append(counter))
+    monkeypatch.setattr(SamplingHook, "sample", lambda self, ctx, progress, counter: calls.append(counter))
 
     def run(*argv):
         calls.clear()
@@ -312,7 +315,7 @@ def test_cadence_steps_epochs_and_first(monkeypatch):
 def test_a_prompt_file_broken_during_training_only_skips_sampling(sd1, prompt_file, tmp_path, caplog):
     hook = make_sampling_hook(parse("--sample_every_n_steps", "1", "--sample_prompts", str(prompt_file)))
     prompt_file.write_text("a --w wide\n", encoding="utf-8")
-    trainer = fake_trainer(sd1, tmp_path / "out")
+    trainer = fake_ctx(sd1, tmp_path / "out")
     assert hook.sample(trainer, Progress(3, 0, 3), "000003") == []
     assert "sample images skipped at step 3" in caplog.text and f"{prompt_file}:1: --w wide" in caplog.text
     assert trainer.accelerator.waits == 1
@@ -331,7 +334,7 @@ def test_a_failing_generation_is_logged_and_training_state_restored(sd1, prompt_
         torch.manual_seed(5)
         expected = torch.rand(2)
         torch.manual_seed(5)
-        assert hook.sample(fake_trainer(sd1, tmp_path / "out"), Progress(1, 0, 1), "000001") == []
+        assert hook.sample(fake_ctx(sd1, tmp_path / "out"), Progress(1, 0, 1), "000001") == []
         assert sd1.unet.training and torch.equal(torch.rand(2), expected)
     finally:
         sd1.unet.eval()

@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from library.args import add_modelspec_arguments
 from library.training import metadata as md
 from library.training.network_args import add_network_arguments
 
@@ -54,6 +55,7 @@ COUNTS = {"num_train_images": 30, "num_reg_images": 5, "num_batches_per_epoch": 
 def make_args(argv=(), **extra) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_network_arguments(parser)
+    add_modelspec_arguments(parser)
     args = parser.parse_args(list(argv))
     defaults = dict(output_name="mylora", learning_rate=1e-4, v2=False, v_parameterization=False, seed=42,
                     resolution="512", train_batch_size=2, gradient_accumulation_steps=1, clip_skip=2,

@@ -20,7 +20,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from library.models.checkpoint_io import read_checkpoint
-from library.models.loading import SINGLE_FILE_SUFFIXES, load_base_model, resolve_model_location
+from library.models.loading import (
+    HUB_CONFIG_FILES,
+    SINGLE_FILE_SUFFIXES,
+    ModelConfigError,
+    ModelLoadError,
+    load_base_model,
+    resolve_model_location,
+)
+
+REFERENCE_HINT = "pass --reference_model <a diffusers folder of the same architecture>"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference_model",
         default=None,
-        help="diffusers folder or hub id whose scheduler and tokenizer are copied into a diffusers output",
+        help="diffusers folder or hub id of the same architecture: its unet/vae/text_encoder configs build a "
+        "single-file source's modules (instead of inferring them from the weights), and its scheduler and "
+        "tokenizer are copied into a diffusers output",
     )
     parser.add_argument("--use_safetensors", action="store_true", help="diffusers output with .safetensors weights")
     parser.add_argument("--vae", default=None, help="replace the VAE while converting")
@@ -60,9 +71,14 @@ def convert(args) -> Path:
     source_is_file = Path(args.model_to_load).is_file()
     if source_is_file and args.v1 == args.v2:
         raise SystemExit("error: a single-file source needs exactly one of --v1 or --v2")
-    parts = load_base_model(
-        args.model_to_load, v2=args.v2, v_parameterization=args.v_parameterization, vae=args.vae
-    )
+    reference = resolve_model_location(args.reference_model, HUB_CONFIG_FILES) if args.reference_model else None
+    try:
+        parts = load_base_model(
+            args.model_to_load, v2=args.v2, v_parameterization=args.v_parameterization, vae=args.vae,
+            config_folder=reference,
+        )
+    except ModelConfigError as err:
+        raise ModelLoadError(f"{err.reason}; {REFERENCE_HINT}") from None
     target = Path(args.model_to_save)
     if target.suffix.lower() in SINGLE_FILE_SUFFIXES:
         # Keys we do not convert (EMA copies, buffers) are carried over from a single-file source.
@@ -72,18 +88,17 @@ def convert(args) -> Path:
             target, parts, fmt, precision=save_precision(args),
             epoch=epoch + args.epoch, global_step=step + args.global_step, source_state_dict=source,
         )
-    if args.reference_model:
-        _adopt_reference(parts, args.reference_model)
+    if reference is not None:
+        _adopt_reference(parts, reference)
     fmt = "diffusers_safetensors" if args.use_safetensors else "diffusers"
     return save_model(target, parts, fmt, precision=save_precision(args))
 
 
-def _adopt_reference(parts, reference: str) -> None:
+def _adopt_reference(parts, folder: Path) -> None:
     from diffusers import DDPMScheduler
 
     from library.models.tokenizer import load_clip_tokenizer
 
-    folder = resolve_model_location(reference)
     if (folder / "tokenizer").is_dir():
         parts.tokenizer = load_clip_tokenizer(folder / "tokenizer")
     if (folder / "scheduler").is_dir():

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.errors import UserError
+
 # Tag splitting always joins with comma-space, whatever caption_separator is (upstream behaviour).
 JOIN_SEPARATOR = ", "
 
@@ -22,7 +24,7 @@ JOIN_SEPARATOR = ", "
 _WILDCARD_PATTERN = re.compile(r"\{\{|\}\}|\{([^{}]+)\}")
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(UserError, ValueError):
     """A caption file that cannot be used as it is (empty, not UTF-8); the message names the file and the fix."""
 
 

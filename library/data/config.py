@@ -19,10 +19,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from library.data.config_schema import (
     DatasetConfigError,
-    ScriptSupport,
+    DatasetSupport,
     dataset_config_problems,
     dataset_kind,
-    script_support,
     value_problems,
 )
 
@@ -208,7 +207,7 @@ def cli_fallbacks(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
 
 
 def blueprints_from_args(
-    args: argparse.Namespace, script: str, *, check_paths: bool = True
+    args: argparse.Namespace, support: DatasetSupport, *, check_paths: bool = True
 ) -> tuple[DatasetBlueprint, ...]:
     """The datasets of a run: from `--dataset_config`, or else from --train_data_dir / --reg_data_dir / --in_json."""
     if getattr(args, "dataset_config", None):
@@ -220,8 +219,8 @@ def blueprints_from_args(
             )
         raw = load_dataset_config_file(args.dataset_config)
         source = f"--dataset_config '{args.dataset_config}'"
-        return blueprints_from_config(raw, args, script, source=source, check_paths=check_paths)
-    support = _support(args, script)
+        return blueprints_from_config(raw, args, support, source=source, check_paths=check_paths)
+    support = _support(args, support)
     cli, problems = cli_fallbacks(args)
     raw, labels, folder_problems = legacy_dataset(args, support)
     source = "the dataset options (--train_data_dir / --reg_data_dir / --in_json)"
@@ -231,10 +230,10 @@ def blueprints_from_args(
 
 
 def blueprints_from_config(
-    raw: Any, args: argparse.Namespace, script: str, *, source: str | None = None, check_paths: bool = True
+    raw: Any, args: argparse.Namespace, support: DatasetSupport, *, source: str | None = None, check_paths: bool = True
 ) -> tuple[DatasetBlueprint, ...]:
     """Validate a loaded config and resolve every value: subset -> dataset -> general -> command line -> default."""
-    support = _support(args, script)
+    support = _support(args, support)
     cli, problems = cli_fallbacks(args)
     problems = dataset_config_problems(raw, support) + problems
     if problems:
@@ -242,12 +241,12 @@ def blueprints_from_config(
     return _build(raw, cli, support, source, check_paths, labels=None)
 
 
-def _support(args: argparse.Namespace, script: str) -> ScriptSupport:
-    return script_support(script, masked_loss=bool(getattr(args, "masked_loss", False)))
+def _support(args: argparse.Namespace, support: DatasetSupport) -> DatasetSupport:
+    return support.for_run(bool(getattr(args, "masked_loss", False)))
 
 
 def _build(
-    raw: dict, cli: dict, support: ScriptSupport, source: str | None, check_paths: bool, labels: list | None
+    raw: dict, cli: dict, support: DatasetSupport, source: str | None, check_paths: bool, labels: list | None
 ) -> tuple[DatasetBlueprint, ...]:
     """Resolve every dataset of a validated config; `labels`: [(dataset label, [subset labels])] or None (file)."""
     general = raw.get("general", {})
@@ -409,7 +408,7 @@ def _path_problems(path: Path, want_dir: bool, where: str) -> list[str]:
 # ---------------------------------------------------------------- legacy folders (§5)
 
 
-def legacy_dataset(args: argparse.Namespace, support: ScriptSupport) -> tuple[dict, list, list[str]]:
+def legacy_dataset(args: argparse.Namespace, support: DatasetSupport) -> tuple[dict, list, list[str]]:
     """The raw config that --train_data_dir / --reg_data_dir / --in_json describe, labels for messages, problems."""
     in_json, train_dir, reg_dir = (getattr(args, n, None) for n in ("in_json", "train_data_dir", "reg_data_dir"))
     if in_json and support.fine_tuning:

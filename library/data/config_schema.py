@@ -9,20 +9,21 @@ path, the key and the fix.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
 import voluptuous as vol
 
-SCRIPTS = ("train_network", "train_db", "fine_tune", "train_textual_inversion")
+from library.errors import UserError
+
 KINDS = ("dreambooth", "fine_tuning", "mask")
 KIND_NAMES = MappingProxyType({"dreambooth": "DreamBooth", "fine_tuning": "fine-tuning", "mask": "mask"})
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
 GENERAL, DATASET, SUBSET = "general", "dataset", "subset"
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(UserError, ValueError):
     """Everything wrong with the dataset settings, one problem per line."""
 
     def __init__(self, problems: Iterable[str], source: str | None = None):
@@ -38,26 +39,19 @@ class DatasetConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ScriptSupport:
-    """What one training script accepts (dataset-config.md §2.7)."""
+class DatasetSupport:
+    """What one training script accepts (dataset-config.md §2.7); each recipe's RecipeInfo holds one."""
 
-    script: str
-    dreambooth: bool
-    fine_tuning: bool
-    masks: bool  # the script has --masked_loss *and* it was given
-    dropout: bool
+    script: str  # names the script in messages ("<script>.py")
+    dreambooth: bool  # folders of images with caption files / class tokens, regularization images
+    fine_tuning: bool  # metadata files (--in_json / metadata_file)
+    masked_loss: bool  # the script offers --masked_loss (mask datasets)
+    dropout: bool  # caption dropout options
+    masks: bool = False  # --masked_loss was given in this run: mask datasets are accepted
 
-
-def script_support(script: str, masked_loss: bool = False) -> ScriptSupport:
-    if script not in SCRIPTS:
-        raise ValueError(f"unknown script {script!r}; expected one of {', '.join(SCRIPTS)}")
-    return ScriptSupport(
-        script=script,
-        dreambooth=script != "fine_tune",
-        fine_tuning=script != "train_db",
-        masks=masked_loss and script != "fine_tune",
-        dropout=script != "train_textual_inversion",
-    )
+    def for_run(self, masked_loss: bool) -> "DatasetSupport":
+        """The support of one run: mask datasets only when --masked_loss is given."""
+        return replace(self, masks=bool(masked_loss) and self.masked_loss)
 
 
 # ---------------------------------------------------------------- value validators
@@ -255,7 +249,7 @@ MISSING_KEY_HINTS = MappingProxyType(
 )
 
 
-def allowed_keys(level: str, kind: str | None, support: ScriptSupport) -> dict[str, Callable[[Any], Any]]:
+def allowed_keys(level: str, kind: str | None, support: DatasetSupport) -> dict[str, Callable[[Any], Any]]:
     """Validators of every key allowed in one table. `kind=None`: a dataset whose kind is undecided (mixed)."""
     keys: dict[str, Callable[[Any], Any]] = {}
     if level in (GENERAL, DATASET):
@@ -272,18 +266,18 @@ def allowed_keys(level: str, kind: str | None, support: ScriptSupport) -> dict[s
     return keys
 
 
-def _kinds_in_scope(level: str, kind: str | None, support: ScriptSupport) -> tuple[str, ...]:
+def _kinds_in_scope(level: str, kind: str | None, support: DatasetSupport) -> tuple[str, ...]:
     if level == GENERAL or kind is None:
         return supported_kinds(support)
     return (kind,)
 
 
-def supported_kinds(support: ScriptSupport) -> tuple[str, ...]:
+def supported_kinds(support: DatasetSupport) -> tuple[str, ...]:
     flags = (support.dreambooth, support.fine_tuning, support.masks)
     return tuple(kind for kind, ok in zip(KINDS, flags) if ok)
 
 
-def dataset_kind(subsets: list, support: ScriptSupport) -> str | None:
+def dataset_kind(subsets: list, support: DatasetSupport) -> str | None:
     """§3: mask if every subset has conditioning_data_dir (masks on), else fine-tuning / DreamBooth; None = mixed."""
     tables = [s if isinstance(s, dict) else {} for s in subsets]
     if support.masks and tables and all("conditioning_data_dir" in s for s in tables):
@@ -303,14 +297,14 @@ def dataset_kind(subsets: list, support: ScriptSupport) -> str | None:
 # ---------------------------------------------------------------- validation
 
 
-def validate_dataset_config(raw: Any, script: str, *, masked_loss: bool = False) -> None:
-    """Check a loaded config against §2-§3 for `script`; raise DatasetConfigError listing every problem."""
-    problems = dataset_config_problems(raw, script_support(script, masked_loss))
+def validate_dataset_config(raw: Any, support: DatasetSupport, *, masked_loss: bool = False) -> None:
+    """Check a loaded config against §2-§3 for a script; raise DatasetConfigError listing every problem."""
+    problems = dataset_config_problems(raw, support.for_run(masked_loss))
     if problems:
         raise DatasetConfigError(problems)
 
 
-def dataset_config_problems(raw: Any, support: ScriptSupport) -> list[str]:
+def dataset_config_problems(raw: Any, support: DatasetSupport) -> list[str]:
     if not isinstance(raw, dict):
         return [f"the file must hold tables ([general], [[datasets]]), got {describe(raw)}"]
     problems = _top_level_problems(raw)
@@ -348,7 +342,7 @@ def _explain_top_level_key(key: str) -> str:
     return _unknown_key_message(key, TOP_LEVEL_KEYS)
 
 
-def _dataset_problems(dataset: Any, support: ScriptSupport, where: str) -> list[str]:
+def _dataset_problems(dataset: Any, support: DatasetSupport, where: str) -> list[str]:
     if not isinstance(dataset, dict):
         return []  # already reported by array_of_tables
     subsets = dataset.get("subsets")
@@ -375,7 +369,7 @@ def _mixed_kinds_message(subsets: list, where: str) -> str:
     )
 
 
-def table_problems(values: dict, level: str, kind: str | None, support: ScriptSupport, where: str) -> list[str]:
+def table_problems(values: dict, level: str, kind: str | None, support: DatasetSupport, where: str) -> list[str]:
     """Run the voluptuous schema of one table and rewrite each error as `where.key: message`."""
     validators = allowed_keys(level, kind, support)
     required = REQUIRED_SUBSET_KEYS[kind] if level == SUBSET and kind else ()
@@ -390,7 +384,7 @@ def table_problems(values: dict, level: str, kind: str | None, support: ScriptSu
 
 
 def _rewrite_error(
-    error: vol.Invalid, level: str, kind: str | None, support: ScriptSupport, where: str, validators: Mapping
+    error: vol.Invalid, level: str, kind: str | None, support: DatasetSupport, where: str, validators: Mapping
 ) -> str:
     key = error.path[0] if error.path else None
     if isinstance(error, vol.RequiredFieldInvalid):
@@ -403,7 +397,7 @@ def _rewrite_error(
     return f"{where}.{key}: {error.error_message}"
 
 
-def explain_unknown_key(key: str, level: str, kind: str | None, support: ScriptSupport, allowed: Iterable[str]) -> str:
+def explain_unknown_key(key: str, level: str, kind: str | None, support: DatasetSupport, allowed: Iterable[str]) -> str:
     """Why `key` is not accepted here: a known key in the wrong place, not for this script or kind, or a typo."""
     script = f"{support.script}.py"
     if key in CLI_ONLY_KEYS:
@@ -422,12 +416,12 @@ def explain_unknown_key(key: str, level: str, kind: str | None, support: ScriptS
     return _unknown_key_message(key, allowed)
 
 
-def _valid_in_scope(key: str, level: str, kind: str | None, support: ScriptSupport) -> bool:
+def _valid_in_scope(key: str, level: str, kind: str | None, support: DatasetSupport) -> bool:
     scope = _kinds_in_scope(level, kind, support)
     return any(k in scope for k in _key_kinds(key, support))
 
 
-def _key_kinds(key: str, support: ScriptSupport) -> tuple[str, ...]:
+def _key_kinds(key: str, support: DatasetSupport) -> tuple[str, ...]:
     """The supported kinds in which `key` is valid."""
     return tuple(
         kind
@@ -436,10 +430,10 @@ def _key_kinds(key: str, support: ScriptSupport) -> tuple[str, ...]:
     )
 
 
-def _explain_kind_key(key: str, level: str, kind: str | None, support: ScriptSupport) -> str:
+def _explain_kind_key(key: str, level: str, kind: str | None, support: DatasetSupport) -> str:
     script = f"{support.script}.py"
     if key == "conditioning_data_dir":
-        if support.script == "fine_tune":
+        if not support.masked_loss:
             return f"'{key}': {script} has no masked loss; remove it"
         if not support.masks:
             return f"'{key}' is used only with --masked_loss; add --masked_loss or remove it"

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from library.data.config_schema import RESIZE_INTERPOLATIONS, script_support
+from library.data.config_schema import RESIZE_INTERPOLATIONS, DatasetSupport
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser, script: str) -> None:
-    """Add the dataset options that `script` ("train_network", "train_db", "fine_tune", ...) owns."""
-    support = script_support(script)
+def add_dataset_arguments(parser: argparse.ArgumentParser, support: DatasetSupport) -> None:
+    """Add the dataset options of a script that accepts what `support` describes."""
     group = parser.add_argument_group("dataset")
     # The scripts with DreamBooth datasets are the ones with regularization images; those with
     # fine-tuning datasets take --in_json; textual inversion has no caption dropout.

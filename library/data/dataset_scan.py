@@ -27,6 +27,7 @@ from library.data.captions import (
 from library.data.config import DatasetBlueprint, SubsetBlueprint
 from library.data.image_headers import size_or_reason
 from library.data.images import face_from_name, image_extensions
+from library.errors import UserError
 
 __all__ = [
     "ImageRecord",
@@ -65,7 +66,7 @@ class ScanReport:
     caption_errors: list[str] = field(default_factory=list)
 
 
-class UnreadableImagesError(RuntimeError):
+class UnreadableImagesError(UserError, RuntimeError):
     """Images that cannot be decoded (or caption files that cannot be read), all listed in one message."""
 
     def __init__(self, unreadable: Sequence[tuple[str, str]], caption_errors: Sequence[str] = ()) -> None:

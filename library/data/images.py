@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from library.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Images with a side at least this long are always shrunk on load...
 LARGE_IMAGE_SIDE = 3000
@@ -46,7 +48,7 @@ INTERPOLATIONS = types.MappingProxyType({
 Size = tuple[int, int]  # (width, height)
 
 
-class ImageReadError(RuntimeError):
+class ImageReadError(UserError, RuntimeError):
     """An image file that cannot be decoded; the message names the file and what to do."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.data.images import Size, center_crop_left_top, load_image_with_alpha, resize_and_crop, to_tensor
+from library.data.images import (
+    Size,
+    center_crop_left_top,
+    load_image_with_alpha,
+    resize_and_crop,
+    to_tensor,
+)
+from library.errors import UserError
 from library.fileio import atomic_path
 
 if TYPE_CHECKING:
@@ -47,7 +54,7 @@ LATENT_CACHE_FORBIDS_REASON = (
 )
 
 
-class LatentCacheError(RuntimeError):
+class LatentCacheError(UserError, RuntimeError):
     """A cache file that cannot be used as asked; the message names the file and the fix."""
 
 

@@ -10,7 +10,7 @@ import logging
 from typing import Sequence
 
 from library.data.config import DatasetBlueprint, blueprints_from_args
-from library.data.config_schema import DatasetConfigError
+from library.data.config_schema import DatasetConfigError, DatasetSupport
 from library.data.latent_cache import LATENT_CACHE_FORBIDS, LATENT_CACHE_FORBIDS_REASON
 
 logger = logging.getLogger(__name__)
@@ -35,11 +35,11 @@ def latent_caching_problems(blueprints: Sequence[DatasetBlueprint], args: argpar
     return problems
 
 
-def prepare_datasets(args: argparse.Namespace, script: str):
+def prepare_datasets(args: argparse.Namespace, support: DatasetSupport):
     """Validate the dataset options and scan the data; raises one error listing every problem."""
     from library.data.datasets import build_dataset_group
 
-    blueprints = blueprints_from_args(args, script)
+    blueprints = blueprints_from_args(args, support)
     problems = latent_caching_problems(blueprints, args)
     if problems:
         raise DatasetConfigError(problems, source="--cache_latents")

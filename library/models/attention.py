@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class AttentionBackendError(RuntimeError):
+class AttentionBackendError(UserError, RuntimeError):
     """The requested attention backend cannot run here; the message names what is missing."""
 
 

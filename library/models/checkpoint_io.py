@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from library.errors import UserError
 from library.fileio import atomic_path
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A pickle checkpoint that asks to build objects other than tensors (it could execute code)."""
 
 

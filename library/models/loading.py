@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from library.errors import UserError
 from library.models.components import StableDiffusionParts
 from library.models.tokenizer import build_clip_tokenizer, load_clip_tokenizer
 
@@ -26,10 +27,28 @@ HUB_MODEL_FILES = (
     "text_encoder/model.safetensors",
 )
 HUB_VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+# A reference model lends configs, tokenizer and scheduler only: no weights are downloaded.
+HUB_CONFIG_FILES = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*")
+CONFIG_HINT = (
+    "convert it to a diffusers folder with tools/convert_diffusers20_original_sd.py "
+    "--reference_model <a diffusers folder of the same architecture> and load that folder"
+)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A base model or VAE that cannot be loaded; the message says why and what to do."""
+
+
+class ModelConfigError(ModelLoadError):
+    """A single file whose architecture cannot be read off its weights.
+
+    `reason` names the file, the part and what went wrong; callers that offer a way to
+    supply the configs (the convert tool's --reference_model) replace the default hint.
+    """
+
+    def __init__(self, reason: str, hint: str = CONFIG_HINT):
+        super().__init__(f"{reason}; {hint}")
+        self.reason = reason
 
 
 def make_noise_scheduler(v_parameterization: bool):
@@ -54,18 +73,27 @@ def load_base_model(
     vae: str | None = None,
     tokenizer_cache_dir: str | None = None,
     dtype: torch.dtype = torch.float32,
+    config_folder: str | os.PathLike | None = None,
 ) -> StableDiffusionParts:
     """Load `--pretrained_model_name_or_path` (+ `--vae`) into StableDiffusionParts.
 
     A path to a file is an LDM single-file checkpoint, a folder is a diffusers model,
     anything else is a Hugging Face model id.
+
+    `config_folder` (a diffusers folder or hub id of the same architecture) supplies the
+    unet/vae/text_encoder configs of a single file instead of inferring them from its
+    weights, which cannot tell e.g. GroupNorm group counts or attention head counts.
+    It is not used for diffusers sources, which carry their own configs.
     """
     location = resolve_model_location(name_or_path)
     if location.is_file():
         from library.models.single_file import load_single_file
 
         tokenizer = _single_file_tokenizer(v2, tokenizer_cache_dir)
-        text_encoder, unet, vae_model = load_single_file(location, v2=v2, v_parameterization=v_parameterization, dtype=dtype)
+        reference = resolve_model_location(str(config_folder), HUB_CONFIG_FILES) if config_folder else None
+        text_encoder, unet, vae_model = load_single_file(
+            location, v2=v2, v_parameterization=v_parameterization, dtype=dtype, config_folder=reference
+        )
         source_format = "single_file"
     else:
         tokenizer, text_encoder, unet, vae_model = _load_diffusers_folder(location, dtype)
@@ -109,7 +137,11 @@ def _looks_like_local_path(name: str) -> bool:
 
 def _download_from_hub(repo_id: str, allow_patterns) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=list(allow_patterns)))

@@ -13,7 +13,6 @@ import torch
 
 from library.fileio import atomic_path
 from library.models.checkpoint_io import write_state_dict
-from library.models.modelspec import build_modelspec
 from library.models.ldm_conversion import (
     clip_text_diffusers_to_ldm,
     join_ldm_state_dict,
@@ -21,6 +20,7 @@ from library.models.ldm_conversion import (
     unet_diffusers_to_ldm,
     vae_diffusers_to_ldm,
 )
+from library.models.modelspec import build_modelspec
 from library.models.tokenizer import save_tokenizer
 
 SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
@@ -89,7 +89,6 @@ def save_diffusers_folder(
 ) -> None:
     """Write a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read."""
     import diffusers
-    from diffusers import DDIMScheduler
 
     folder = Path(folder)
     weights_names = _weight_file_names(safe_serialization)
@@ -104,7 +103,7 @@ def save_diffusers_folder(
             _save_module_config(module, sub, precision)
             _write_weights(sub / weights_names[name], cast_state_dict(state_dict, precision), safe_serialization)
         save_tokenizer(parts.tokenizer, tmp / "tokenizer")
-        DDIMScheduler.from_config(parts.noise_scheduler.config).save_pretrained(str(tmp / "scheduler"))
+        _inference_scheduler(parts).save_pretrained(str(tmp / "scheduler"))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(diffusers.__version__), indent=2) + "\n")
 
 
@@ -144,6 +143,37 @@ def _save_module_config(module, folder: Path, precision: str | None) -> None:
     dtype = SAVE_PRECISIONS[precision] if precision else module.dtype
     config.dtype = dtype
     config.save_pretrained(str(folder))
+
+
+# The betas/timesteps of the model's training schedule carry over to the saved scheduler.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+SD_SCHEDULE = (
+    ("num_train_timesteps", 1000), ("beta_start", 0.00085), ("beta_end", 0.012), ("beta_schedule", "scaled_linear"),
+)
+
+
+def _inference_scheduler(parts):
+    """The DDIM config SD's own folders (and upstream's saves) carry.
+
+    A DDIMScheduler built from the training DDPM config would keep steps_offset 0 and
+    set_alpha_to_one True; SD uses steps_offset 1 (diffusers warns about 0 when loading),
+    no final alpha of one and no sample clipping. skip_prk_steps is kept for PNDMScheduler,
+    SD's original scheduler class, which pipelines may swap in from this config.
+    """
+    from diffusers import DDIMScheduler
+
+    training = dict(getattr(parts.noise_scheduler, "config", None) or {})
+    config = dict(SD_SCHEDULE)
+    config.update({k: training[k] for k in SCHEDULE_KEYS if training.get(k) is not None})
+    prediction_type = training.get("prediction_type") or "epsilon"
+    config.update(
+        prediction_type="v_prediction" if parts.v_parameterization else prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        skip_prk_steps=True,
+    )
+    return DDIMScheduler.from_config(config)
 
 
 def _model_index(diffusers_version: str) -> dict:

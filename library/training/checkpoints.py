@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from library.errors import UserError
 from library.fileio import atomic_path
 
 STATE_FILE = "train_state.json"
@@ -174,7 +175,7 @@ def _load_pickle(path: Path):
         raise ResumeError(f"--resume: cannot read {path} ({type(err).__name__}: {err})") from err
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """A --resume folder that cannot be used (named in the message)."""
 
 

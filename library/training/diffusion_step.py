@@ -24,15 +24,29 @@ from library.training.noise import (
 
 class DiffusionTrainingModel(torch.nn.Module):
     """What DDP wraps: captions -> conditioning -> U-Net prediction, plus the recipe's trained module
-    (registered so its parameters are found, used through hooks inside the U-Net / text encoder)."""
+    when it has one (registered so its parameters are found; it acts through hooks inside the U-Net /
+    text encoder). `caption` and `predict` are the recipe's optional hooks (library/recipe.py)."""
 
-    def __init__(self, unet: torch.nn.Module, conditioner: torch.nn.Module, trained: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        conditioner: torch.nn.Module,
+        trained: torch.nn.Module | None,
+        caption: Callable[[str], str] | None = None,
+        predict: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.conditioner = conditioner
         self.trained = trained
+        self.caption = caption
+        self.predict = predict
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        if self.caption is not None:
+            captions = [self.caption(c) for c in captions]
+        if self.predict is not None:
+            return self.predict(self.unet, self.conditioner, noisy_latents, timesteps, captions)
         hidden = self.conditioner(captions)
         return self.unet(noisy_latents, timesteps, hidden.to(noisy_latents.dtype)).sample
 
@@ -41,9 +55,10 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def vae_dtype_for(mixed_precision: str) -> torch.dtype:
-    """fp16 VAE encodes can overflow; bf16 is safe and saves memory."""
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+def vae_dtype_for(mixed_precision: str, no_half_vae: bool = False) -> torch.dtype:
+    """fp16 VAE encodes can overflow, so fp16 runs keep it in float32; bf16 is safe and saves memory
+    (--no_half_vae keeps float32 there too)."""
+    return torch.bfloat16 if mixed_precision == "bf16" and not no_half_vae else torch.float32
 
 
 def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

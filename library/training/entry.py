@@ -1,7 +1,8 @@
-"""What every training script does around the loop: parse, check everything, prepare data, train.
+"""What every script does around its work: parse, check everything, prepare data, train.
 
-A recipe script calls `run_recipe(script, recipe)`; the recipe object adds its own options
-(`add_arguments`), checks them (`option_problems`) and attaches what it trains (see trainer.py).
+`run_script` is the one start-up path (logging, options with --config_file / --output_config,
+user errors as one line, Ctrl-C); `run_recipe` adds the training path every recipe shares. A
+recipe is an object satisfying library.recipe.Recipe.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Callable
 
 from library.args import build_parser, parse_args, write_config_file
+from library.errors import is_user_error
+from library.recipe import Recipe, RecipeInfo
 
 logger = logging.getLogger(__name__)
 
 
-def option_problems(args: argparse.Namespace, recipe) -> list[str]:
+def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     """Every problem the options have, found before any data or model is read."""
     from library.training.hub import hub_option_problems
     from library.training.lr_schedulers import lr_scheduler_option_problems
@@ -38,40 +42,56 @@ def option_problems(args: argparse.Namespace, recipe) -> list[str]:
     return problems
 
 
-def run_recipe(script: str, recipe, argv: list[str] | None = None) -> int:
+def run_script(
+    info: RecipeInfo,
+    body: Callable[[argparse.Namespace], int],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """Start-up shared by every script: parse, then run `body(args)`; user errors print one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # bitsandbytes (imported by diffusers) warns about an optional CPU kernel package on every start.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    parser = build_parser(script)
-    recipe.add_arguments(parser)
+    parser = build_parser(info)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parse_args(parser, argv)
     if args.output_config:
         print(f"wrote {write_config_file(parser, args)}")
         return 0
     try:
-        return _run(script, recipe, args)
+        return body(args)
     except KeyboardInterrupt:
         print("interrupted; files being written were left untouched", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - user errors are one line, bugs keep their traceback
-        if not _is_user_error(err):
+        if not is_user_error(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
 
 
-def _run(script: str, recipe, args: argparse.Namespace) -> int:
+def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:
+    """What a recipe script's `__main__` calls."""
+    return run_script(recipe.info, lambda args: _train(recipe, args), recipe.add_arguments, argv)
+
+
+def _train(recipe: Recipe, args: argparse.Namespace) -> int:
     from library.data.pipeline import prepare_datasets, wants_datasets
     from library.training.sampling import make_sampling_hook
     from library.training.trainer import Trainer, resolve_seed
 
+    if args.xformers:
+        from library.models.attention import check_xformers_usable
+
+        check_xformers_usable()
     if not wants_datasets(args):
         print("error: no training data: give --dataset_config, or --train_data_dir (see docs/datasets.md)", file=sys.stderr)
         return 1
     if args.debug_dataset:
         from library.data.preview import run_debug_dataset
 
-        run_debug_dataset(prepare_datasets(args, script), None)
+        run_debug_dataset(prepare_datasets(args, recipe.info.datasets), None)
         return 0
     problems = option_problems(args, recipe)
     if problems:
@@ -79,28 +99,12 @@ def _run(script: str, recipe, args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    if args.xformers:
-        from library.models.attention import check_xformers_usable
-
-        check_xformers_usable()
     if args.resume_from_huggingface:
         from library.training.hub import download_state
 
         args.resume = str(download_state(args.resume, token=args.huggingface_token))
     args.seed = resolve_seed(args)
-    group = prepare_datasets(args, script)
-    hooks = recipe.hooks(args) if hasattr(recipe, "hooks") else []
-    sampling_hook = make_sampling_hook(args)
-    if sampling_hook is not None:
-        hooks = [*hooks, sampling_hook]
-    return Trainer(recipe, args, group, args.seed, hooks).run()
-
-
-def _is_user_error(err: BaseException) -> bool:
-    from library.errors import is_user_error
-    from library.training.checkpoints import ResumeError
-    from library.training.noise import NoiseOptionError
-    from library.training.optimizers import OptionError
-    from library.training.trainer import TrainingDiverged
-
-    return is_user_error(err) or isinstance(err, (ResumeError, OptionError, NoiseOptionError, TrainingDiverged))
+    group = prepare_datasets(args, recipe.info.datasets)
+    sampling = make_sampling_hook(args)
+    extra_hooks = [sampling.hooks()] if sampling is not None else []
+    return Trainer(recipe, args, group, args.seed, extra_hooks).run()

@@ -8,14 +8,12 @@ setting (JSON for the dataset blobs).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+from library.hashing import model_file_hashes, precalculate_safetensors_hashes  # noqa: F401 - part of this module's API
 
 # --no_metadata keeps only what tools need to filter and load the file.
 MINIMUM_KEYS = (
@@ -26,7 +24,6 @@ MINIMUM_KEYS = (
     "ss_network_alpha",
     "ss_network_args",
 )
-NOFILE, IS_A_DIRECTORY = "NOFILE", "IsADirectory"
 
 # ss_* key -> (args attribute, default when the recipe lacks the option). Values are stored as str(value).
 _PLAIN_ARGS = (
@@ -81,42 +78,6 @@ _BOOL_ARGS = (
     ("ss_cache_latents", "cache_latents"),
     ("ss_debiased_estimation", "debiased_estimation_loss"),
 )
-
-
-# ------------------------------------------------------------------ hashes (formats.md §2.5)
-
-
-def precalculate_safetensors_hashes(state_dict: dict[str, "torch.Tensor"], metadata: dict[str, str] | None):
-    """(sshs_model_hash, sshs_legacy_hash) of the file these tensors + ss_* metadata make.
-
-    Only ss_* keys take part so that editing user metadata (modelspec.*) later does not change
-    the hash; the bytes come from safetensors' own serializer so the layout matches the file.
-    """
-    import safetensors.torch
-
-    ss_only = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
-    buffer = safetensors.torch.save(state_dict, ss_only)
-    header_len = int.from_bytes(buffer[:8], "little")
-    model_hash = hashlib.sha256(buffer[8 + header_len :]).hexdigest()
-    legacy_hash = hashlib.sha256(buffer[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-    return model_hash, legacy_hash
-
-
-def model_file_hashes(path: str | os.PathLike) -> tuple[str, str]:
-    """(old A1111 8-hex hash: 64 KiB at 1 MiB, full-file SHA-256) of a base model / VAE file."""
-    try:
-        legacy, full = hashlib.sha256(), hashlib.sha256()
-        with open(path, "rb") as f:
-            f.seek(0x100000)
-            legacy.update(f.read(0x10000))
-            f.seek(0)
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                full.update(chunk)
-        return legacy.hexdigest()[:8], full.hexdigest()
-    except FileNotFoundError:
-        return NOFILE, NOFILE
-    except (IsADirectoryError, PermissionError):
-        return IS_A_DIRECTORY, IS_A_DIRECTORY
 
 
 def project_commit_hash() -> str:
@@ -301,6 +262,11 @@ def minimal_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 def network_modelspec(args: argparse.Namespace, *, timestamp: float | None = None) -> dict[str, str]:
     """modelspec.* keys of a LoRA file from the options (--metadata_*, --output_name, --resolution, ...)."""
+    return modelspec_from_args(args, kind="lora", timestamp=timestamp)
+
+
+def modelspec_from_args(args: argparse.Namespace, *, kind: str, timestamp: float | None = None) -> dict[str, str]:
+    """modelspec.* keys of a saved file ("checkpoint", "lora", ...) from the options."""
     from library.models.modelspec import build_modelspec
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
@@ -308,7 +274,7 @@ def network_modelspec(args: argparse.Namespace, *, timestamp: float | None = Non
     spec = build_modelspec(
         v2=bool(get("v2")),
         v_parameterization=bool(get("v_parameterization")),
-        kind="lora",
+        kind=kind,
         title=get("metadata_title") or get("output_name"),
         resolution=resolution if isinstance(resolution, tuple) else None,
         clip_skip=get("clip_skip"),

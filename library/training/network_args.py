@@ -16,8 +16,8 @@ from library.training.metadata import parse_network_kwargs
 DEFAULT_NETWORK_MODULE = "networks.lora"
 
 
-def add_network_arguments(parser: argparse.ArgumentParser, modelspec: bool = True) -> None:
-    """The network options; with `modelspec`, also the --metadata_* options."""
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The network options (the --metadata_* options are shared: library/args.py)."""
     group = parser.add_argument_group("network (LoRA)")
     opt = group.add_argument
     opt("--network_module", type=str, default=None,
@@ -43,21 +43,6 @@ def add_network_arguments(parser: argparse.ArgumentParser, modelspec: bool = Tru
     opt("--base_weights", type=str, default=None, nargs="*", help="network files merged into the base model first")
     opt("--base_weights_multiplier", type=float, default=None, nargs="*",
         help="strength of each --base_weights file (default 1.0)")
-    if modelspec:
-        add_modelspec_arguments(parser)
-
-
-def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:
-    """--metadata_* options (modelspec.* keys); shared with the other recipes."""
-    group = parser.add_argument_group("model metadata (modelspec)")
-    for field, text in (
-        ("title", "title (default: --output_name)"),
-        ("author", "author"),
-        ("description", "description"),
-        ("license", "license"),
-        ("tags", "comma-separated tags"),
-    ):
-        group.add_argument(f"--metadata_{field}", type=str, default=None, help=f"modelspec {text}")
 
 
 def network_option_problems(args: argparse.Namespace) -> list[str]:

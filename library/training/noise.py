@@ -26,12 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from library.errors import UserError
+
 LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x/2.x training schedule
 
 
-class NoiseOptionError(ValueError):
+class NoiseOptionError(UserError, ValueError):
     """A bad combination of noise/loss options (the user's to fix)."""
 
 

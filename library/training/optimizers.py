@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from library.errors import UserError
+
 LOGGER = logging.getLogger(__name__)
 
 
-class OptionError(ValueError):
+class OptionError(UserError, ValueError):
     """A command-line value the user has to fix; reported as one line."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from library.errors import UserError
+
 DEFAULT_WIDTH = 512
 DEFAULT_HEIGHT = 512
 DEFAULT_SCALE = 7.5
@@ -58,7 +60,7 @@ IGNORED_KEYS = (
 )
 
 
-class SamplePromptError(ValueError):
+class SamplePromptError(UserError, ValueError):
     """A prompt file that cannot be used; `problems` lists every problem found, with locations."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Sample images during training (`--sample_every_n_steps`, `--sample_every_n_epochs`, `--sample_at_first`).
 
-The trainer calls a `SamplingHook` (made by `make_sampling_hook`) at the start, after each optimizer
-step and after each completed epoch. When a trigger fires, the main process re-reads the prompt
+The trainer calls a `SamplingHook` (made by `make_sampling_hook`, given to the trainer as
+`Hooks`, library/recipe.py) at the start, after each optimizer step and after each completed epoch. When a trigger fires, the main process re-reads the prompt
 file (so it can be edited while training runs), generates one image per prompt with the model as
 it is being trained (the LoRA network acts through hooks inside the U-Net / text encoder), writes
 the images to `<output_dir>/sample/` and logs them to TensorBoard / W&B when those are active.
@@ -17,8 +17,9 @@ with A1111 weights `(word:1.2)` always on and up to 225 tokens, as upstream's lo
 does; the embeddings go to diffusers' StableDiffusionPipeline. Samplers map to diffusers schedulers
 as in reference/sampling.md §4.
 
-A recipe may define `sample_prompt_rewrite(text) -> text` (textual inversion: expand the token
-string); it is applied to every prompt and negative prompt before encoding.
+The recipe's caption hook (`Attached.caption`, on the context as `ctx.caption`; textual inversion
+expands its token string there) is applied to every prompt and negative prompt before encoding,
+exactly as to training captions.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from library.training.sample_prompts import SamplePrompt, SamplePromptError, read_sample_prompts
+from library.recipe import Hooks
+from library.training.sample_prompts import (
+    SamplePrompt,
+    SamplePromptError,
+    read_sample_prompts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -336,27 +342,17 @@ def _free_memory(device: torch.device) -> None:
 
 
 @contextmanager
-def sampling_session(modules: Iterable[torch.nn.Module], vae: torch.nn.Module, device: torch.device):
-    """Eval mode, VAE on `device`, RNG states saved; all of it undone on exit."""
-    seen, modes = set(), []
-    for module in modules:
-        for sub in module.modules():
-            if id(sub) not in seen:
-                seen.add(id(sub))
-                modes.append((sub, sub.training))
+def sampling_session(vae: torch.nn.Module, device: torch.device):
+    """VAE on `device` and RNG states saved; both undone on exit (modes: the context's `evaluation`)."""
     states = _rng_states()
     vae_device = next(vae.parameters()).device
     try:
-        for module, _ in modes:
-            module.training = False
         if vae_device != device:
             vae.to(device)
         yield
     finally:
         if vae_device != device:
             vae.to(vae_device)
-        for module, mode in modes:
-            module.training = mode
         _restore_rng_states(states)
         _free_memory(device)
 
@@ -375,27 +371,30 @@ class SamplingHook:
         self.at_first = bool(getattr(args, "sample_at_first", False))
         self.default_sampler = getattr(args, "sample_sampler", None) or DEFAULT_SAMPLER
 
-    # ---- cadence
+    def hooks(self) -> Hooks:
+        return Hooks(at_start=self.at_start, after_step=self.after_step, after_epoch=self.after_epoch)
 
-    def at_start(self, trainer, progress) -> None:
+    # ---- cadence (each called with the training context and progress)
+
+    def at_start(self, ctx, progress) -> None:
         if self.at_first:
             # epoch counters when samples are per epoch, step counters otherwise: names keep sorting
             counter = f"e{progress.epoch:06d}" if self.every_n_epochs else f"{progress.global_step:06d}"
-            self.sample(trainer, progress, counter)
+            self.sample(ctx, progress, counter)
 
-    def after_step(self, trainer, progress) -> None:
+    def after_step(self, ctx, progress) -> None:
         if self.every_n_epochs is None and self.every_n_steps and progress.global_step % self.every_n_steps == 0:
-            self.sample(trainer, progress, f"{progress.global_step:06d}")
+            self.sample(ctx, progress, f"{progress.global_step:06d}")
 
-    def after_epoch(self, trainer, progress) -> None:
+    def after_epoch(self, ctx, progress) -> None:
         if self.every_n_epochs and progress.epoch % self.every_n_epochs == 0:
-            self.sample(trainer, progress, f"e{progress.epoch:06d}")
+            self.sample(ctx, progress, f"e{progress.epoch:06d}")
 
     # ---- work
 
-    def sample(self, trainer, progress, counter: str) -> list[Path]:
+    def sample(self, ctx, progress, counter: str) -> list[Path]:
         """Generate every prompt's image on the main process; the others wait. Returns the paths written."""
-        accelerator = trainer.accelerator
+        accelerator = ctx.accelerator
         written: list[Path] = []
         if accelerator.is_main_process:
             try:
@@ -405,51 +404,34 @@ class SamplingHook:
                 prompts = []
             if prompts:
                 try:
-                    written = self._generate(trainer, progress, counter, prompts)
+                    written = self._generate(ctx, progress, counter, prompts)
                 except Exception:  # noqa: BLE001 - e.g. out of memory: a long run must not die for a preview
                     logger.exception("sample images failed at step %d; training goes on", progress.global_step)
         accelerator.wait_for_everyone()
         return written
 
-    def _modules(self, trainer) -> list[torch.nn.Module]:
-        parts = trainer.ctx.parts
-        modules = [parts.unet, parts.text_encoder, parts.vae]
-        attached = getattr(trainer, "attached", None)
-        if attached is not None:
-            modules.append(attached.trained)
-        return modules
-
-    def _generate(self, trainer, progress, counter: str, prompts: list[SamplePrompt]) -> list[Path]:
+    def _generate(self, ctx, progress, counter: str, prompts: list[SamplePrompt]) -> list[Path]:
         from library.models.text_encoding import TextEncoding
 
-        ctx, accelerator = trainer.ctx, trainer.accelerator
         parts = ctx.parts
-        folder = Path(trainer.output_dir) / SAMPLE_FOLDER
+        folder = Path(ctx.output_dir) / SAMPLE_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         base_settings = TextEncoding.from_args(self.args)
-        rewrite = getattr(trainer.recipe, "sample_prompt_rewrite", None) if hasattr(trainer, "recipe") else None
-        set_optimizer_mode = getattr(trainer, "_set_optimizer_mode", None)
         written = []
         print(f"sample images at step {progress.global_step}: {len(prompts)} prompt(s) -> {folder}")
-        if set_optimizer_mode is not None:
-            set_optimizer_mode(train=False)  # schedule-free optimizers: sample the averaged weights
-        try:
-            with sampling_session(self._modules(trainer), parts.vae, ctx.device):
-                pipeline = make_pipeline(parts)
-                for prompt in prompts:
-                    seed = prompt.seed if prompt.seed is not None else derived_seed(trainer.seed, prompt.index)
-                    image = generate_image(
-                        parts, prompt, seed=seed, default_sampler=self.default_sampler, text_settings=base_settings,
-                        pipeline=pipeline, autocast=accelerator.autocast, rewrite=rewrite,
-                    )
-                    path = folder / sample_file_name(self.args.output_name, counter, prompt.index, seed)
-                    image.save(path)
-                    written.append(path)
-                    log_sample_image(accelerator, image, prompt, progress.global_step)
-                del pipeline
-        finally:
-            if set_optimizer_mode is not None:
-                set_optimizer_mode(train=True)
+        with ctx.evaluation(), sampling_session(parts.vae, ctx.device):
+            pipeline = make_pipeline(parts)
+            for prompt in prompts:
+                seed = prompt.seed if prompt.seed is not None else derived_seed(ctx.seed, prompt.index)
+                image = generate_image(
+                    parts, prompt, seed=seed, default_sampler=self.default_sampler, text_settings=base_settings,
+                    pipeline=pipeline, autocast=ctx.accelerator.autocast, rewrite=ctx.caption,
+                )
+                path = folder / sample_file_name(self.args.output_name, counter, prompt.index, seed)
+                image.save(path)
+                written.append(path)
+                log_sample_image(ctx.accelerator, image, prompt, progress.global_step)
+            del pipeline
         return written
 
 

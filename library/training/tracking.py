@@ -7,8 +7,6 @@ import os
 import time
 from pathlib import Path
 
-from library.training.training_args import TRACKER_NAMES
-
 SECRET_OPTIONS = ("wandb_api_key", "huggingface_token")
 
 
@@ -55,7 +53,7 @@ def accelerator_logging_kwargs(args: argparse.Namespace) -> dict:
     return {"log_with": kinds, "project_dir": str(run_dir) if run_dir is not None else None}
 
 
-def start_trackers(accelerator, args: argparse.Namespace, script: str) -> None:
+def start_trackers(accelerator, args: argparse.Namespace, tracker_name: str) -> None:
     """Initialise the trackers (accelerate does it on the main process) with the sanitised options."""
     kinds = tracker_kinds(args)
     if not kinds:
@@ -76,7 +74,7 @@ def start_trackers(accelerator, args: argparse.Namespace, script: str) -> None:
     if args.wandb_run_name:
         init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
     config = sanitized_config(args) if args.log_config else {}
-    accelerator.init_trackers(args.log_tracker_name or TRACKER_NAMES[script], config=config, init_kwargs=init_kwargs)
+    accelerator.init_trackers(args.log_tracker_name or tracker_name, config=config, init_kwargs=init_kwargs)
 
 
 def sanitized_config(args: argparse.Namespace) -> dict:

@@ -1,17 +1,9 @@
-"""The one training loop every recipe shares (reference/DESIGN.md, "The recipe interface").
+"""The one training loop every recipe shares.
 
 The trainer owns accelerate, the data loader, epochs and steps, gradient accumulation and clipping,
-mixed precision, the LR schedule, noise and loss, save cadence, resume, interrupts and logging.
-A recipe is a plain object that says what trains and how it is saved:
-
-    recipe.script                      "train_network", ...
-    recipe.attach(ctx) -> Attached     build/attach what trains (after the base model is loaded)
-    recipe.trained_state_dict()        the trained tensors, for training states
-    recipe.load_trained_state_dict(sd)
-    recipe.save(path_without_suffix, ctx, progress) -> Path   write a model file, return its path
-    recipe.output_path(folder, name) -> Path                  where save() writes `name` (for pruning)
-
-Optional hooks (called when present): ``recipe.after_optimizer_step(ctx, progress)``.
+mixed precision, the LR schedule, noise and loss, save cadence, resume, interrupts and logging. What
+a recipe supplies, and when it is called, is documented in library/recipe.py (the `Recipe`
+protocol); the trainer knows no method by name.
 """
 
 from __future__ import annotations
@@ -20,13 +12,14 @@ import argparse
 import logging
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from library.errors import UserError
+from library.recipe import Attached, Hooks, PartStop, Recipe, TrainingContext
 from library.training.checkpoints import (
     Progress,
     epoch_name,
@@ -49,46 +42,19 @@ from library.training.diffusion_step import (
     weight_dtype_for,
 )
 from library.training.interrupts import StopRequest
-from library.training.schedule import Schedule, batch_seed, micro_batch_group, plan_schedule
+from library.training.modes import eval_mode
+from library.training.schedule import (
+    Schedule,
+    batch_seed,
+    micro_batch_group,
+    plan_schedule,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss or the trained weights stopped being finite; nothing broken was written."""
-
-
-@dataclass
-class Attached:
-    """What a recipe trains: the module holding its trainable parameters and their optimizer groups."""
-
-    trained: torch.nn.Module
-    param_groups: list[dict]
-    text_encoder_trains: bool  # gradients flow through the text encoder
-    unet_weights_train: bool = False  # the U-Net's own weights are trained (full fine-tuning)
-    text_encoder_weights_train: bool = False
-    find_unused_parameters: bool = False  # DDP: some trained parameters may be skipped in a step
-
-
-@dataclass
-class TrainingContext:
-    """Everything a recipe may look at while attaching and saving."""
-
-    args: argparse.Namespace
-    script: str
-    accelerator: Any
-    parts: Any  # StableDiffusionParts
-    group: Any  # DatasetGroup
-    weight_dtype: torch.dtype
-    seed: int
-    schedule: Schedule | None = None
-    optimizer_description: str = ""
-    session_id: int = field(default_factory=lambda: random.randrange(2**32))
-    started_at: float = field(default_factory=time.time)
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
 
 
 def make_accelerator(args: argparse.Namespace, find_unused_parameters: bool = False):
@@ -121,24 +87,30 @@ def make_accelerator(args: argparse.Namespace, find_unused_parameters: bool = Fa
 class Trainer:
     """Runs one recipe on one prepared dataset group; `run()` returns the process exit code."""
 
-    def __init__(self, recipe, args: argparse.Namespace, group, seed: int, hooks: list | None = None) -> None:
+    def __init__(self, recipe: Recipe, args: argparse.Namespace, group, seed: int, hooks: list[Hooks] | None = None) -> None:
         self.recipe = recipe
         self.args = args
         self.group = group
         self.seed = seed
-        self.hooks = list(hooks or [])
+        self.hooks = [*recipe.hooks(args), *(hooks or [])]
         self.output_dir = Path(args.output_dir)
         self.last_saved: Path | None = None
         self.hub = None  # HubUploader on the main process with --huggingface_repo_id
+        self.stops_applied: set[str] = set()
+        self.everything_stopped = False  # every trained part has stopped: steps still count, nothing changes
 
     # ------------------------------------------------------------------ setup
 
     def run(self) -> int:
         args = self.args
-        accelerator = make_accelerator(args, find_unused_parameters=self.recipe.find_unused_parameters(args))
+        self.find_unused_parameters = self.recipe.find_unused_parameters(args)
+        accelerator = make_accelerator(args, find_unused_parameters=self.find_unused_parameters)
         self.accelerator = accelerator
         parts = self._load_base_model()
-        ctx = TrainingContext(args, self.recipe.script, accelerator, parts, self.group, weight_dtype_for(args.mixed_precision), self.seed)
+        ctx = TrainingContext(
+            args, self.recipe.info, accelerator, parts, self.group, weight_dtype_for(args.mixed_precision), self.seed,
+            self.output_dir, session_id=random.randrange(2**32), started_at=time.time(), evaluation=self._evaluation,
+        )
         self.ctx = ctx
         self._cache_latents_if_asked(parts)
         parts.unet.requires_grad_(False)
@@ -151,6 +123,9 @@ class Trainer:
         set_seed(self.seed)
         attached = self.recipe.attach(ctx)
         self.attached = attached
+        self._check_stops_can_run(attached)
+        if attached.caption is not None:
+            ctx.caption = attached.caption
         self._place_models(parts, attached)
         self.noise_scheduler = self._training_noise_scheduler(parts)
         from library.training.noise import NoiseSettings
@@ -176,8 +151,10 @@ class Trainer:
         ctx.optimizer_description = built.description
         lr_scheduler = build_lr_scheduler(args, built, schedule.max_train_steps, num_processes=1)
 
-        conditioner = self._make_conditioner(parts, attached)
-        model = DiffusionTrainingModel(parts.unet, conditioner, attached.trained)
+        self.conditioner = self._make_conditioner(parts, attached)
+        model = DiffusionTrainingModel(
+            parts.unet, self.conditioner, attached.trained, caption=attached.caption, predict=attached.predict
+        )
         self.model, self.optimizer = accelerator.prepare(model, built.optimizer)
         self.lr_scheduler = lr_scheduler
         self.trainable = [p for g in attached.param_groups for p in g["params"]]
@@ -185,12 +162,12 @@ class Trainer:
         progress = Progress()
         if args.resume:
             progress = self._resume(args.resume, schedule)
+        self._apply_due_stops(progress)
         self._start_trackers()
         if accelerator.is_main_process:
             print(f"training: {schedule.describe(accelerator.num_processes, args.gradient_accumulation_steps)}, "
                   f"distributed type {accelerator.distributed_type.value}")
-        for hook in self.hooks:
-            getattr(hook, "at_start", lambda *a: None)(self, progress)
+        self._call_hooks("at_start", progress)
         if accelerator.is_main_process:
             from library.training.hub import HubUploader
 
@@ -203,6 +180,14 @@ class Trainer:
             if self.hub is not None:
                 self.hub.close()
         return 0
+
+    def _check_stops_can_run(self, attached: Attached) -> None:
+        if attached.stops and self.accelerator.num_processes > 1 and not self.find_unused_parameters:
+            # A recipe bug, not a user error: DDP would hang waiting for gradients that never come.
+            raise RuntimeError(
+                f"{self.recipe.info.script}: the recipe stops training a part ({attached.stops[0].name}) but "
+                "find_unused_parameters() returned False; DDP needs True for parts that stop"
+            )
 
     def _load_base_model(self):
         from library.models.attention import set_attention_backend
@@ -251,24 +236,25 @@ class Trainer:
             print(f"latents: {result.encoded} image(s) encoded, {result.reused} reused from disk")
 
     def _vae_dtype(self) -> torch.dtype:
-        return vae_dtype_for(self.args.mixed_precision)
+        return vae_dtype_for(self.args.mixed_precision, no_half_vae=getattr(self.args, "no_half_vae", False))
 
     def _place_models(self, parts, attached: Attached) -> None:
         """Frozen weights live in the compute dtype; trained ones in fp32 unless --full_fp16/bf16."""
         args, device = self.args, self.accelerator.device
         weight_dtype = self.ctx.weight_dtype
-        place_module(parts.unet, device, torch.float32 if attached.unet_weights_train else weight_dtype)
-        place_module(parts.text_encoder, device, torch.float32 if attached.text_encoder_weights_train else weight_dtype)
-        if self.group.uses_cached_latents:
-            parts.vae.to("cpu")  # only needed again for sample images
-        else:
-            place_module(parts.vae, device, self._vae_dtype())
         trained_dtype = torch.float32
         if args.full_fp16:
             trained_dtype = torch.float16
         elif args.full_bf16:
             trained_dtype = torch.bfloat16
-        attached.trained.to(device, dtype=trained_dtype)
+        place_module(parts.unet, device, trained_dtype if attached.unet_weights_train else weight_dtype)
+        place_module(parts.text_encoder, device, trained_dtype if attached.text_encoder_weights_train else weight_dtype)
+        if self.group.uses_cached_latents:
+            parts.vae.to("cpu")  # only needed again for sample images
+        else:
+            place_module(parts.vae, device, self._vae_dtype())
+        if attached.trained is not None:
+            attached.trained.to(device, dtype=trained_dtype)
         if args.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if attached.text_encoder_trains:
@@ -278,6 +264,17 @@ class Trainer:
         parts.unet.train()
         parts.text_encoder.train(attached.text_encoder_trains)
         parts.vae.eval()
+
+    @contextmanager
+    def _evaluation(self):
+        """`ctx.evaluation()`: every model module in eval mode and the optimizer in its evaluation mode."""
+        parts = self.ctx.parts
+        self._set_optimizer_mode(train=False)  # schedule-free optimizers: evaluate the averaged weights
+        try:
+            with eval_mode([parts.unet, parts.text_encoder, parts.vae, self.attached.trained]):
+                yield
+        finally:
+            self._set_optimizer_mode(train=True)
 
     def _training_noise_scheduler(self, parts):
         from library.training.noise import apply_zero_terminal_snr
@@ -293,11 +290,6 @@ class Trainer:
 
         settings = TextEncoding.from_args(self.args)
         cache = bool(getattr(self.args, "cache_text_encoder_outputs", False))
-        if cache and attached.text_encoder_trains:
-            raise ValueError(
-                "--cache_text_encoder_outputs: the text encoder trains in this run, so its outputs change "
-                "every step; add --network_train_unet_only or drop the option"
-            )
         return TextConditioner(
             parts.tokenizer, parts.text_encoder, settings, trains=attached.text_encoder_trains, cache_outputs=cache
         )
@@ -305,7 +297,7 @@ class Trainer:
     def _start_trackers(self) -> None:
         from library.training.tracking import start_trackers
 
-        start_trackers(self.accelerator, self.args, self.recipe.script)
+        start_trackers(self.accelerator, self.args, self.recipe.info.tracker_name)
 
     # ------------------------------------------------------------------ resume
 
@@ -368,7 +360,8 @@ class Trainer:
             sync = nullcontext() if last_micro else accelerator.no_sync(self.model)
             with sync:
                 loss = self._batch_loss(batch, epoch)
-                accelerator.backward(loss / group_size)
+                if not self.everything_stopped:
+                    accelerator.backward(loss / group_size)
             step_loss += loss.detach().float().item() / group_size
             if not last_micro:
                 continue
@@ -376,6 +369,8 @@ class Trainer:
             self._check_finite_loss(step_loss, progress, epoch)
             self._optimizer_step()
             progress = Progress(progress.global_step + 1, epoch, batch["local_index"] + 1)
+            self._apply_due_stops(progress)
+            self._call_hooks("after_optimizer_step", progress)
             epoch_losses.append(step_loss)
             self._log_step(step_loss, epoch_losses, progress)
             bar.update(1)
@@ -408,9 +403,29 @@ class Trainer:
         if not getattr(self.optimizer, "step_was_skipped", False):
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        hook = getattr(self.recipe, "after_optimizer_step", None)
-        if hook is not None:
-            hook(self.ctx)
+
+    def _apply_due_stops(self, progress: Progress) -> None:
+        """Stop training the parts whose last step is done: no gradients, eval mode (see PartStop)."""
+        for stop in self.attached.stops:
+            if stop.name in self.stops_applied or progress.global_step < stop.after_step:
+                continue
+            self._stop_part(stop)
+            self.stops_applied.add(stop.name)
+            self.everything_stopped = not any(p.requires_grad for p in self.trainable)
+            if self.accelerator.is_main_process:
+                print(f"{stop.name}: training stopped after step {stop.after_step}")
+
+    def _stop_part(self, stop: PartStop) -> None:
+        stop.module.requires_grad_(False)
+        stop.module.eval()
+        if stop.text_encoder:
+            self.conditioner.trains = False
+
+    def _call_hooks(self, when: str, progress: Progress) -> None:
+        for hooks in self.hooks:
+            function = getattr(hooks, when)
+            if function is not None:
+                function(self.ctx, progress)
 
     def _mean_over_processes(self, value: float) -> float:
         """The step's loss averaged over processes (every process then sees the same number)."""
@@ -470,8 +485,7 @@ class Trainer:
             )
             if old_state is not None:
                 self._prune_state(step_name(args.output_name, old_state))
-        for hook in self.hooks:
-            getattr(hook, "after_step", lambda *a: None)(self, progress)
+        self._call_hooks("after_step", progress)
 
     def _end_epoch(self, progress: Progress, schedule: Schedule, losses: list[float]) -> Progress:
         args = self.args
@@ -487,8 +501,7 @@ class Trainer:
             old_state = epoch_to_prune(progress.epoch, every, args.save_last_n_epochs_state or args.save_last_n_epochs)
             if old_state is not None:
                 self._prune_state(epoch_name(args.output_name, old_state))
-        for hook in self.hooks:
-            getattr(hook, "after_epoch", lambda *a: None)(self, progress)
+        self._call_hooks("after_epoch", progress)
         return progress
 
     def _save_every_n_epochs(self, schedule: Schedule) -> int | None:

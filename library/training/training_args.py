@@ -8,13 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-TRACKER_NAMES = {
-    "train_network": "network_train",
-    "train_db": "dreambooth",
-    "fine_tune": "finetuning",
-    "train_textual_inversion": "textual_inversion",
-}
-
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
@@ -65,7 +58,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", type=str, default=None, help="training state folder to continue from")
 
 
-def add_logging_arguments(parser: argparse.ArgumentParser, script: str) -> None:
+def add_logging_arguments(parser: argparse.ArgumentParser, tracker_name: str) -> None:
     group = parser.add_argument_group("logging")
     group.add_argument(
         "--logging_dir", type=str, default=None, help="write TensorBoard logs to <dir>/<prefix><date-time>/"
@@ -76,7 +69,7 @@ def add_logging_arguments(parser: argparse.ArgumentParser, script: str) -> None:
         help="tracker (default: tensorboard when --logging_dir is given)",
     )
     group.add_argument(
-        "--log_tracker_name", type=str, default=None, help=f"tracker project name (default {TRACKER_NAMES[script]})"
+        "--log_tracker_name", type=str, default=None, help=f"tracker project name (default {tracker_name})"
     )
     group.add_argument("--log_tracker_config", type=str, default=None, help="TOML of extra tracker init arguments")
     group.add_argument("--wandb_run_name", type=str, default=None, help="W&B run name")

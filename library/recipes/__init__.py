@@ -1,0 +1,1 @@
+"""Parts that belong to training methods (not to the shared trainer): composed by the recipe scripts."""
