@@ -109,6 +109,7 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
     record["imports_torch_done_s"] = time.time() - create_time
     import train_network
     from library.data import latent_cache
+    from library.recipe import Hooks
     from library.training import metadata, trainer
 
     record["imports_done_s"] = time.time() - create_time
@@ -150,11 +151,14 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
     trainer.Trainer._load_base_model = timed_load
 
     class TimingHook:
-        def at_start(self, tr, progress):
+        def __init__(self, recipe):
+            self.recipe = recipe
+
+        def at_start(self, ctx, progress):
             events["start_wall"] = time.time()
             events["start_sched"] = _schedstat()
-            parts = tr.ctx.parts
-            network = tr.recipe.network
+            parts = ctx.parts
+            network = self.recipe.network
             record["unet_lora_modules"] = len(network.unet_loras)
             record["text_encoder_lora_modules"] = len(network.text_encoder_loras)
             record["trainable_params"] = sum(p.numel() for p in network.parameters() if p.requires_grad)
@@ -185,7 +189,7 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
             parts.unet.register_forward_pre_hook(unet_pre)
             parts.unet.register_forward_hook(unet_post)
 
-        def after_step(self, tr, progress):
+        def after_step(self, ctx, progress):
             events["step_wall"].append(time.time())
             events["step_sched"].append(_schedstat())
             done = len(events["step_wall"])
@@ -208,12 +212,10 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
                     by_stack = events["profiler"].key_averages(group_by_stack_n=5)
                     out.write(by_stack.table(sort_by="count", row_limit=40))
 
-        def after_epoch(self, tr, progress):
-            pass
-
     class BenchRecipe(train_network.NetworkRecipe):
         def hooks(self, args):
-            return [*super().hooks(args), TimingHook()]
+            timing = TimingHook(self)
+            return [*super().hooks(args), Hooks(at_start=timing.at_start, after_step=timing.after_step)]
 
     from library.training.entry import run_recipe
 
@@ -222,7 +224,7 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
 
         profiler = cProfile.Profile()
         profiler.enable()
-    rc = run_recipe("train_network", BenchRecipe(), train_argv)
+    rc = run_recipe(BenchRecipe(), train_argv)
     end_wall = time.time()
     if cprofile:
         profiler.disable()
