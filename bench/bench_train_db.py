@@ -387,6 +387,18 @@ def row_key(r: dict) -> tuple:
     return r["impl"], r["model"], r["base"], r["variant"]
 
 
+def save_results(json_path: Path, rows: list[dict], runs: list[dict], failures: list[dict], old: dict | None):
+    """Write --json (with the other configurations of `old`, the file before this invocation, under --append)."""
+    if old is not None:
+        mine = {row_key(r) for r in rows}
+        rows = [r for r in old["summary"] if row_key(r) not in mine] + rows
+        runs = [r for r in old["runs"] if row_key(r) not in mine] + runs
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"cpus": os.cpu_count(), "summary": rows, "runs": runs, "failures": failures}
+    json_path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    return rows, runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["sd15"], choices=list(RESOLUTION))
@@ -433,7 +445,8 @@ def main() -> None:
     ours_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     impls = ([] if args.no_ours else ["ours"]) + (["sd-scripts"] if args.sd_scripts else [])
     print(f"machine: {os.cpu_count()} CPU(s), cuda {torch.cuda.is_available()}, load average {load_average()}")
-    rows, all_runs = [], []
+    rows, all_runs, failures = [], [], []
+    old = json.loads(json_path.read_text(encoding="utf-8")) if args.append and json_path.is_file() else None
     for model in args.models:
         data = write_dataset(RESULTS / f"train_data_{RESOLUTION[model]}px", RESOLUTION[model])
         for base in args.bases:
@@ -457,9 +470,14 @@ def main() -> None:
                             argv += ["--tokenizer_cache_dir", str(tokenizer_cache(models[model, "folder"], work))]
                             env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "sd_scripts_hf_home"),
                                    "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in args.sd_pythonpath)}
-                            command = [args.sd_python, str(Path(__file__).resolve()), "--sd_child", "--sd_dir", str(sd_dir),
+                            command = [os.path.abspath(args.sd_python), str(Path(__file__).resolve()), "--sd_child", "--sd_dir", str(sd_dir),
                                        "--json", str(json_out), "--", *argv]  # fmt: skip
-                            r = run_measured(command, json_out, log, sd_dir, env, args.nice)
+                            try:
+                                r = run_measured(command, json_out, log, sd_dir, env, args.nice)
+                            except (RuntimeError, OSError) as err:  # theirs failing must not lose our figures
+                                print(f"{name} #{repeat + 1}: FAILED ({str(err).splitlines()[0]})", flush=True)
+                                failures.append({"name": name, "repeat": repeat, "error": str(err)[-2000:]})
+                                break
                         shutil.rmtree(out, ignore_errors=True)  # the saved model (2 GB): not kept
                         if r.get("s_per_step") is None:
                             raise RuntimeError(f"{name}: no timed steps (steps done: {r.get('steps_done')}); log {log}")
@@ -471,22 +489,21 @@ def main() -> None:
                             f"peak {r['wait4_maxrss_kib'] / 2**20:.2f} GiB, load avg {r['load_before']} -> {r['load_after']}",
                             flush=True,
                         )
+                    if not runs:
+                        continue
                     all_runs += runs
                     rows.append({**summarize({"impl": impl, "model": model, "base": base, "variant": variant}, runs),
                                  "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps})  # fmt: skip
-    if args.append and json_path.is_file():
-        old = json.loads(json_path.read_text(encoding="utf-8"))
-        mine = {row_key(r) for r in rows}
-        rows = [r for r in old["summary"] if row_key(r) not in mine] + rows
-        all_runs = [r for r in old["runs"] if row_key(r) not in mine] + all_runs
+                    save_results(json_path, rows, all_runs, failures, old)  # after each configuration
+    rows, all_runs = save_results(json_path, rows, all_runs, failures, old)
     print()
     print(format_table(rows))
     ratios = format_ratios(rows)
     if ratios:
         print()
         print(ratios)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"cpus": os.cpu_count(), "summary": rows, "runs": all_runs}, indent=1), encoding="utf-8")
+    for failure in failures:
+        print(f"failed: {failure['name']} #{failure['repeat'] + 1}")
     print(f"\nwrote {json_path}")
 
 

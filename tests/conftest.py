@@ -15,3 +15,20 @@ def tiny_models(tmp_path_factory):
     from tools.build_tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def base_parts():
+    """The shipped base model (models/tiny-sd-shapes), loaded once for the learning tests."""
+    from library.models.loading import load_base_model
+    from tests.learning_helpers import BASE
+
+    return load_base_model(str(BASE))
+
+
+@pytest.fixture(scope="session")
+def base_images(base_parts):
+    """The base model's images of the learning tests' prompts (the "before")."""
+    from tests.learning_helpers import CONCEPT_PROMPTS, OTHER_PROMPTS, generate
+
+    return {"concept": generate(base_parts, CONCEPT_PROMPTS), "other": generate(base_parts, OTHER_PROMPTS)}

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
