@@ -16,18 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-import torch
 
 from library.data.config_schema import DatasetSupport
-from library.recipe import Attached, Hooks, RecipeInfo, TrainingContext
-from library.recipes.full_model import (
-    FullModelTraining,
-    add_full_model_arguments,
-    full_model_option_problems,
-)
-from library.training.checkpoints import Progress
+from library.recipe import Attached, RecipeInfo, TrainingContext
+from library.recipes.full_model import FullModelRecipe, add_full_model_arguments, full_model_option_problems
 
 INFO = RecipeInfo(
     script="fine_tune",
@@ -39,11 +31,8 @@ INFO = RecipeInfo(
 )
 
 
-class FineTuneRecipe:
+class FineTuneRecipe(FullModelRecipe):
     info = INFO
-
-    def __init__(self) -> None:
-        self.model = FullModelTraining()
 
     # ---- options
 
@@ -72,24 +61,7 @@ class FineTuneRecipe:
     # ---- training
 
     def attach(self, ctx: TrainingContext) -> Attached:
-        return self.model.attach(ctx, train_text_encoder=ctx.args.train_text_encoder)
-
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.trained_state_dict()
-
-    def load_trained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_trained_state_dict(state_dict)
-
-    def hooks(self, args: argparse.Namespace) -> list[Hooks]:
-        return []
-
-    # ---- saving
-
-    def output_path(self, folder: Path, name: str) -> Path:
-        return self.model.output_path(folder, name)
-
-    def save(self, folder: Path, name: str, ctx: TrainingContext, progress: Progress) -> Path:
-        return self.model.save(folder, name, ctx, progress)
+        return self.train_full_model(ctx, train_text_encoder=ctx.args.train_text_encoder)
 
 
 if __name__ == "__main__":

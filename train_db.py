@@ -17,18 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-import torch
 
 from library.data.config_schema import DatasetSupport
-from library.recipe import Attached, Hooks, RecipeInfo, TrainingContext
-from library.recipes.full_model import (
-    FullModelTraining,
-    add_full_model_arguments,
-    full_model_option_problems,
-)
-from library.training.checkpoints import Progress
+from library.recipe import Attached, RecipeInfo, TrainingContext
+from library.recipes.full_model import FullModelRecipe, add_full_model_arguments, full_model_option_problems
 
 INFO = RecipeInfo(
     script="train_db",
@@ -41,11 +33,8 @@ INFO = RecipeInfo(
 NEVER = -1  # --stop_text_encoder_training -1: the text encoder never trains
 
 
-class DreamBoothRecipe:
+class DreamBoothRecipe(FullModelRecipe):
     info = INFO
-
-    def __init__(self) -> None:
-        self.model = FullModelTraining()
 
     # ---- options
 
@@ -85,26 +74,9 @@ class DreamBoothRecipe:
         stop = args.stop_text_encoder_training
         if args.no_token_padding and ctx.accelerator.is_main_process:
             print("--no_token_padding does nothing: captions are padded to 77 tokens, as sd-scripts does today")
-        return self.model.attach(
+        return self.train_full_model(
             ctx, train_text_encoder=stop != NEVER, stop_text_encoder_after=stop if stop is not None and stop >= 0 else None
         )
-
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.trained_state_dict()
-
-    def load_trained_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_trained_state_dict(state_dict)
-
-    def hooks(self, args: argparse.Namespace) -> list[Hooks]:
-        return []
-
-    # ---- saving
-
-    def output_path(self, folder: Path, name: str) -> Path:
-        return self.model.output_path(folder, name)
-
-    def save(self, folder: Path, name: str, ctx: TrainingContext, progress: Progress) -> Path:
-        return self.model.save(folder, name, ctx, progress)
 
 
 if __name__ == "__main__":

@@ -318,10 +318,10 @@ def run_measured(command: list[str], json_path: Path, log_path: Path, cwd: Path,
 
 def tokenizer_cache(base: Path, work: Path) -> Path:
     """A --tokenizer_cache_dir for sd-scripts holding the base model's own CLIP tokenizer (no hub)."""
-    cache = work / "sd_scripts_tokenizer"
+    folder = base if base.is_dir() else base.with_suffix("")  # the diffusers folder beside the single file
+    cache = work / f"sd_scripts_tokenizer_{folder.name}"
     target = cache / "openai_clip-vit-large-patch14"
     if not (target / "vocab.json").is_file():
-        folder = base if base.is_dir() else base.with_suffix("")  # the diffusers folder beside the single file
         shutil.copytree(folder / "tokenizer", target, dirs_exist_ok=True)
     return cache
 

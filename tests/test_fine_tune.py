@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 
 from library.models.checkpoint_io import read_checkpoint
 from tests.training_helpers import assert_ok, run_script, write_image_folder
+from tests.training_helpers import max_state_diff as max_diff
 
 TE = "cond_stage_model."
 
@@ -21,12 +24,6 @@ def ft_args(model, images, meta, out, *extra: str) -> list[str]:
         "--resolution", "64", "--output_dir", str(out), "--output_name", "ft", "--learning_rate", "1e-4",
         "--seed", "5", "--max_data_loader_n_workers", "0", *extra,
     ]
-
-
-def max_diff(a: dict, b: dict, prefix: str = "") -> float:
-    keys = [k for k in a if k.startswith(prefix)]
-    assert keys and all(k in b for k in keys)
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +83,16 @@ def test_learning_rate_te_without_train_text_encoder_is_refused(tiny_models, ima
                                                  "--learning_rate_te", "1e-5"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--learning_rate_te needs --train_text_encoder" in result.stderr
+
+
+def test_sd2_v_prediction_saves_a_diffusers_folder_that_loads(tiny_models, images, tmp_path):
+    meta = write_metadata(images, tmp_path / "meta.json")
+    out = tmp_path / "out"
+    result = run_script("fine_tune.py", *ft_args(tiny_models["sd2"], images, meta, out, "--v2", "--v_parameterization",
+                                                 "--max_train_steps", "2", "--use_safetensors", "--save_precision", "fp16"))
+    assert_ok(result)
+    assert (out / "ft" / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # the base's format, safetensors
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "ft"), safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    weights = load_file(out / "ft" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float16}  # --save_precision fp16

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from library.models.checkpoint_io import read_checkpoint
 from tests.training_helpers import ROOT, assert_ok, dreambooth_folders, run_script, write_image_folder
+from tests.training_helpers import max_state_diff as max_diff
 
 UNET, TE = "model.diffusion_model.", "cond_stage_model."
 
@@ -26,12 +27,6 @@ def db_args(model, data, out, *extra: str) -> list[str]:
         "--output_dir", str(out), "--output_name", "db", "--learning_rate", "1e-4", "--seed", "3",
         "--max_data_loader_n_workers", "0", *extra,
     ]
-
-
-def max_diff(a: dict, b: dict, prefix: str = "") -> float:
-    keys = [k for k in a if k.startswith(prefix)]
-    assert keys and all(k in b for k in keys)
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,10 @@ def lora_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def assert_ok(result) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
+
+
+def max_state_diff(a: dict, b: dict, prefix: str = "") -> float:
+    """Largest absolute difference between the tensors of two state dicts whose keys start with `prefix`."""
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys and all(k in b for k in keys)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)

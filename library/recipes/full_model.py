@@ -1,8 +1,9 @@
 """Training the base model's own weights (DreamBooth, fine-tuning): the U-Net always, the text
 encoder when asked; saved as whole models in the four formats of `--save_model_as`.
 
-The two recipes differ in their data and their options, not in what trains or how it is saved;
-both compose `FullModelTraining`. Formats and keys: reference/formats.md §6 (LDM single file) and
+The two recipes differ in their data, their options and what they ask to train, not in how the
+weights train or are saved: both build on `FullModelRecipe`, which implements the saving and state
+half of the `Recipe` protocol (library/recipe.py) and a `train_full_model` helper for `attach`. Formats and keys: reference/formats.md §6 (LDM single file) and
 diffusers folders that `from_pretrained` loads.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from library.recipe import Attached, PartStop, TrainingContext
+from library.recipe import Attached, Hooks, PartStop, TrainingContext
 from library.training.checkpoints import Progress
 
 UNET_PREFIX, TEXT_ENCODER_PREFIX = "unet.", "text_encoder."
@@ -52,8 +53,11 @@ def save_format(args: argparse.Namespace, source_format: str, source: str) -> st
     return "diffusers_safetensors" if args.use_safetensors else "diffusers"
 
 
-class FullModelTraining:
-    """What trains and how it is saved when the base model's own weights train."""
+class FullModelRecipe:
+    """The part of a recipe that trains the base model's own weights and saves whole models.
+
+    A subclass adds its description (`info`), its options and checks, `find_unused_parameters`, and
+    `attach`, which calls `train_full_model` with what the method trains."""
 
     def __init__(self) -> None:
         self.parts = None
@@ -61,7 +65,10 @@ class FullModelTraining:
         self.text_encoder_trains = False
         self._source_extras: tuple[dict[str, torch.Tensor], int, int] | None = None
 
-    def attach(
+    def hooks(self, args: argparse.Namespace) -> list[Hooks]:
+        return []
+
+    def train_full_model(
         self, ctx: TrainingContext, *, train_text_encoder: bool, stop_text_encoder_after: int | None = None
     ) -> Attached:
         """U-Net (and text encoder) trainable; one optimizer group each so each has its LR and log line."""
