@@ -102,7 +102,7 @@ def child_main(json_path: str, train_argv: list[str]) -> int:
     create_time = psutil.Process().create_time()
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
-    from bench.bench_train_network import _schedstat, _status_kib
+    from bench.bench_train_network import _schedstat, _status_kib, step_timings
 
     record: dict = {"process_create_wall": create_time, "interpreter_start_s": _T0_WALL - create_time, "argv": train_argv}
     events: dict = {"step_wall": [], "step_sched": []}
@@ -181,14 +181,8 @@ def child_main(json_path: str, train_argv: list[str]) -> int:
     steps, start = events["step_wall"], events.get("start_wall")
     record["rc"] = rc
     record["steps_done"] = len(steps)
+    record.update(step_timings(start, steps, create_time, end_wall))
     if start is not None and steps:
-        durations = [b - a for a, b in zip([start, *steps[:-1]], steps)]
-        record["step_s"] = durations
-        timed = durations[MEASURED_FROM - 1 :]
-        record["s_per_step"] = statistics.median(timed) if timed else None
-        record["first_step_begins_s"] = start - create_time
-        record["first_step_ends_s"] = steps[0] - create_time
-        record["after_last_step_to_exit_s"] = end_wall - steps[-1]
         sched = [events["start_sched"], *events["step_sched"]]
         record["step_cpu_s"] = [b[0] - a[0] for a, b in zip(sched, sched[1:])]
         record["step_runqueue_wait_s"] = [b[1] - a[1] for a, b in zip(sched, sched[1:])]
@@ -207,6 +201,11 @@ def child_main(json_path: str, train_argv: list[str]) -> int:
 def sd_child_main(json_path: str, sd_dir: str, train_argv: list[str]) -> int:
     """Run sd-scripts' train_db.py (in its own interpreter: standard library and its own packages only),
     timing the update calls of its "steps" progress bar."""
+    sys.path.insert(0, str(ROOT))  # for bench.* (standard library only); sd-scripts' own path replaces it below
+    from bench.bench_train_network import step_timings
+
+    sys.path.remove(str(ROOT))
+
     import resource
     import runpy
 
@@ -251,14 +250,7 @@ def sd_child_main(json_path: str, sd_dir: str, train_argv: list[str]) -> int:
     steps, start = events["step_wall"], events.get("start_wall")
     record["rc"] = rc
     record["steps_done"] = len(steps)
-    if start is not None and steps:
-        durations = [b - a for a, b in zip([start, *steps[:-1]], steps)]
-        record["step_s"] = durations
-        timed = durations[MEASURED_FROM - 1 :]
-        record["s_per_step"] = statistics.median(timed) if timed else None
-        record["first_step_begins_s"] = start - create_time
-        record["first_step_ends_s"] = steps[0] - create_time
-        record["after_last_step_to_exit_s"] = end_wall - steps[-1]
+    record.update(step_timings(start, steps, create_time, end_wall))
     record["total_s"] = end_wall - create_time
     record["ru_maxrss_self_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     record["vmhwm_kib"] = _vmhwm_kib()

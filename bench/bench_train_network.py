@@ -234,16 +234,11 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
     start = events.get("start_wall")
     record["rc"] = rc
     record["steps_done"] = len(steps)
+    record.update(step_timings(start, steps, create_time, end_wall))
     if start is not None and steps:
-        durations = [b - a for a, b in zip([start, *steps[:-1]], steps)]
-        record["step_s"] = durations
-        timed = durations[MEASURED_FROM - 1 :]
-        record["s_per_step"] = statistics.median(timed) if timed else None
-        record["first_step_begins_s"] = start - create_time
-        record["first_step_ends_s"] = steps[0] - create_time
+        timed = record["step_s"][MEASURED_FROM - 1 :]
         record["first_step_begins_from_top_s"] = start - _T0_WALL
         record["first_step_ends_from_top_s"] = steps[0] - _T0_WALL
-        record["after_last_step_to_exit_s"] = end_wall - steps[-1]
         first_step_wall = steps[0]
         record["hashed_before_step1"] = any(s < first_step_wall for s, _, _ in events["hash_calls_wall"])
         record["hash_s"] = sum(e - s for s, e, _ in events["hash_calls_wall"])
@@ -268,6 +263,22 @@ def child_main(json_path: str, train_argv: list[str], cprofile: str | None, torc
 
 
 # ====================================================================== parent
+
+
+def step_timings(start: float | None, steps: list[float], create_time: float, end_wall: float) -> dict:
+    """Per-step durations and their median from step MEASURED_FROM on, and when step 1 began and ended
+    (seconds since the child process was created), from the wall clock at at_start and each after_step."""
+    if start is None or not steps:
+        return {}
+    durations = [b - a for a, b in zip([start, *steps[:-1]], steps)]
+    timed = durations[MEASURED_FROM - 1 :]
+    return {
+        "step_s": durations,
+        "s_per_step": statistics.median(timed) if timed else None,
+        "first_step_begins_s": start - create_time,
+        "first_step_ends_s": steps[0] - create_time,
+        "after_last_step_to_exit_s": end_wall - steps[-1],
+    }
 
 
 def load_average() -> str:
