@@ -16,13 +16,7 @@ from pathlib import Path
 import pytest
 
 from library.training.checkpoints import ResumeError
-from library.training.hub import (
-    STAGING_DIR,
-    HubUploader,
-    download_state,
-    hub_option_problems,
-    parse_resume_spec,
-)
+from library.training.hub import STAGING_DIR, HubUploader, download_state, hub_option_problems, parse_resume_spec
 from library.training.training_args import training_option_problems
 from tests.recipe_infos import SCRIPTS, parser_for
 
@@ -334,12 +328,7 @@ def test_trainer_save_uploads_the_model_and_optionally_the_state(tmp_path, state
 
 
 def test_offline_uploads_fail_with_a_warning_and_training_completes(tiny_models, tmp_path):
-    from tests.training_helpers import (
-        assert_ok,
-        lora_args,
-        run_script,
-        write_image_folder,
-    )
+    from tests.training_helpers import assert_ok, lora_args, run_script, write_image_folder
 
     data = write_image_folder(tmp_path / "data" / "1_sq", count=2, caption="a square")
     out = tmp_path / "out"

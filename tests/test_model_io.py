@@ -10,11 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.models.checkpoint_io import (
-    UnsafeCheckpointError,
-    read_state_dict,
-    write_state_dict,
-)
+from library.models.checkpoint_io import UnsafeCheckpointError, read_state_dict, write_state_dict
 from library.models.loading import ModelLoadError, load_base_model, load_vae
 from library.models.saving import save_model
 

@@ -24,13 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.data.images import (
-    Size,
-    center_crop_left_top,
-    load_image_with_alpha,
-    resize_and_crop,
-    to_tensor,
-)
+from library.data.images import Size, center_crop_left_top, load_image_with_alpha, resize_and_crop, to_tensor
 from library.errors import UserError
 from library.fileio import atomic_path
 

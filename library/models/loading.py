@@ -137,11 +137,7 @@ def _looks_like_local_path(name: str) -> bool:
 
 def _download_from_hub(repo_id: str, allow_patterns) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=list(allow_patterns)))

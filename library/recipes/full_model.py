@@ -3,8 +3,9 @@ encoder when asked; saved as whole models in the four formats of `--save_model_a
 
 The two recipes differ in their data, their options and what they ask to train, not in how the
 weights train or are saved: both build on `FullModelRecipe`, which implements the saving and state
-half of the `Recipe` protocol (library/recipe.py) and a `train_full_model` helper for `attach`. Formats and keys: reference/formats.md §6 (LDM single file) and
-diffusers folders that `from_pretrained` loads.
+half of the `Recipe` protocol (library/recipe.py) and a `train_full_model` helper for `attach`.
+Formats and keys: reference/formats.md §6 (LDM single file) and diffusers folders that
+`from_pretrained` loads.
 """
 
 from __future__ import annotations

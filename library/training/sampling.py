@@ -40,11 +40,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from library.recipe import Hooks
-from library.training.sample_prompts import (
-    SamplePrompt,
-    SamplePromptError,
-    read_sample_prompts,
-)
+from library.training.sample_prompts import SamplePrompt, SamplePromptError, read_sample_prompts
 
 logger = logging.getLogger(__name__)
 

@@ -43,12 +43,7 @@ from library.training.diffusion_step import (
 )
 from library.training.interrupts import StopRequest
 from library.training.modes import eval_mode
-from library.training.schedule import (
-    Schedule,
-    batch_seed,
-    micro_batch_group,
-    plan_schedule,
-)
+from library.training.schedule import Schedule, batch_seed, micro_batch_group, plan_schedule
 
 logger = logging.getLogger(__name__)
 
