@@ -67,8 +67,14 @@ class NetworkRecipe:
                 "--cache_text_encoder_outputs: the text encoder's LoRA trains in this run, so its outputs change "
                 "every step; add --network_train_unet_only or drop the option"
             )
-        if args.network_weights and not Path(args.network_weights).is_file():
-            problems.append(f"--network_weights {args.network_weights}: file not found")
+        from library.models.checkpoint_io import checkpoint_file_problem
+
+        for option, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights)):
+            for path in paths or []:
+                if path and not Path(path).is_file():
+                    problems.append(f"{option} {path}: file not found")
+                elif path and checkpoint_file_problem(path):
+                    problems.append(f"{option} {checkpoint_file_problem(path)}")
         return problems
 
     @staticmethod
@@ -103,6 +109,7 @@ class NetworkRecipe:
         train_text_encoder = not args.network_train_unet_only
         network.apply_to(parts.text_encoder, parts.unet, train_text_encoder, train_unet)
         if args.network_weights:
+            _check_network_weights_fit(args, network)
             info = network.load_weights(args.network_weights)
             if ctx.accelerator.is_main_process:
                 print(f"continuing from --network_weights {args.network_weights}: {info}")
@@ -193,6 +200,16 @@ def _merge_base_weights(args: argparse.Namespace, module, parts) -> None:
         )
         network.merge_to(parts.text_encoder, parts.unet, weights)
         print(f"merged --base_weights {path} (multiplier {multiplier}) into the base model")
+
+
+def _check_network_weights_fit(args: argparse.Namespace, network) -> None:
+    """Another rank or another base model is said plainly, before torch's size-mismatch report."""
+    from library.training.network_file_check import NetworkWeightsMismatch, network_weights_problem
+
+    shapes = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    problem = network_weights_problem("--network_weights", args.network_weights, shapes, bool(args.dim_from_weights))
+    if problem:
+        raise NetworkWeightsMismatch(problem)
 
 
 def _text_encoder_lr(args: argparse.Namespace):

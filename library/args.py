@@ -12,8 +12,19 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from library.errors import print_user_error
+
 if TYPE_CHECKING:
     from library.recipe import RecipeInfo
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake prints one `error:` line (not the whole usage) and exits like every user error."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        code = print_user_error(f"{message} (see {self.prog} --help)")
+        self.exit(code)
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("base model")
@@ -110,7 +121,7 @@ def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(info: "RecipeInfo") -> argparse.ArgumentParser:
     """The parser of one recipe: the shared option groups, shaped by the recipe's description."""
-    parser = argparse.ArgumentParser(prog=f"{info.script}.py", description=info.description)
+    parser = ArgumentParser(prog=f"{info.script}.py", description=info.description)
     from library.data.dataset_args import add_dataset_arguments
 
     add_model_arguments(parser)

@@ -1,9 +1,14 @@
-"""Atomic file and folder writes: a failed or interrupted save never destroys the previous good copy."""
+"""Atomic file and folder writes: a failed or interrupted save never destroys the previous good copy.
+
+Files written here get the mode the user's umask gives new files (safetensors itself writes 0600,
+which a UI running as another user could not read).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -22,9 +27,70 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        give_umask_mode(tmp)
         _replace(tmp, target)
     finally:
         _remove(tmp)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (no window with umask 0)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_mode(path: Path) -> None:
+    """chmod `path` (and, for a folder, everything in it) to what a plain `open`/`mkdir` would have made."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if not path.is_dir():
+        if path.is_file():
+            os.chmod(path, file_mode)
+        return
+    os.chmod(path, dir_mode)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+
+
+def restore_interrupted_replacements(folder: str | os.PathLike) -> list[str]:
+    """Tidy what `atomic_path` saves cut off by a crash left in `folder`; returns a line per action.
+
+    A `.<name>.old-*` copy whose `<name>` is missing is the last complete version (the crash fell between
+    the two renames of a folder swap): it is put back. Other `.old-*` and every `.tmp-*` (never committed)
+    are removed. Only safe while no save is running in `folder`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    actions = []
+    for entry in sorted(folder.iterdir()):
+        match = _LEFTOVER.match(entry.name)
+        if match is None:
+            if entry.name.startswith(".write-test-"):
+                _remove(entry)
+            continue
+        target = folder / match.group("name")
+        if match.group("kind") == "old" and not target.exists():
+            os.replace(entry, target)
+            actions.append(f"restored {target} from an interrupted save")
+        else:
+            _remove(entry)
+            actions.append(f"removed {entry.name} (left by an interrupted save)")
+    return actions
 
 
 def _replace(src: Path, dst: Path) -> None:

@@ -35,8 +35,9 @@ def _describe(info: RecipeInfo, args) -> int:
             run_debug_dataset(group, None)
             return 0
     elif args.debug_dataset:
-        print("error: --debug_dataset needs a dataset (--dataset_config or --train_data_dir)", file=sys.stderr)
-        return 1
+        from library.errors import UserError
+
+        raise UserError("--debug_dataset needs a dataset (--dataset_config or --train_data_dir)")
     if args.pretrained_model_name_or_path:
         _describe_base_model(args)
     print(NOT_BUILT.format(script=info.script), file=sys.stderr)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +71,17 @@ def test_cache_latents_with_color_aug_is_refused_before_loading(tmp_path):
     train = make_folder(tmp_path)
     result = run_train_network(
         tmp_path, "--train_data_dir", str(train), "--resolution", "64", "--cache_latents", "--color_aug",
-        "--pretrained_model_name_or_path", str(tmp_path / "not_loaded_yet.safetensors"), "--output_dir", str(tmp_path / "out"),
+        "--pretrained_model_name_or_path", str(unloadable_model(tmp_path)), "--output_dir", str(tmp_path / "out"),
     )
     assert result.returncode == 1
     assert "color_aug" in result.stderr and "--cache_latents" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def unloadable_model(tmp_path):
+    """A valid .safetensors file that is no SD model: loading it would fail, so an error about data proves order."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "not_an_sd_model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,7 +32,10 @@ def mixed_folder(tmp_path_factory) -> Path:
 
 
 def test_bad_files_are_named_together_before_the_model_loads(mixed_folder, tmp_path):
-    missing_model = tmp_path / "not_loaded.safetensors"  # the dataset check must come first
+    from safetensors.torch import save_file
+
+    missing_model = tmp_path / "not_an_sd_model.safetensors"  # loading it would fail: the dataset check must come first
+    save_file({"x": torch.zeros(1)}, str(missing_model))
     result = run_script(
         "train_network.py", *lora_args(missing_model, mixed_folder, tmp_path / "out", "--max_train_steps", "2")
     )

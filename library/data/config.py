@@ -266,7 +266,10 @@ def _build(
         elif not dataset_problems:
             blueprints.append(DatasetBlueprint(kind=kind, subsets=tuple(kept), origin=where, **values))
     if not blueprints and not problems:
-        problems.append("nothing to train on: every subset has num_repeats < 1")
+        problems.append(
+            "nothing to train on: every subset has num_repeats < 1, so each is ignored; "
+            "set num_repeats to 1 or more (--dataset_repeats on the command line)"
+        )
     if check_paths:
         problems += check_dataset_paths(blueprints)
     if problems:
@@ -484,8 +487,12 @@ def _loose_image_problems(
             f"image folders named '{pattern}': move the images into a sub-folder such as '{parent / example}'"
         ]
     if loose:
-        logger.warning("%s '%s': its %d loose image(s) are not used, only its sub-folders", option, parent, len(loose))
-    elif not has_folders:
+        return [
+            f"{option} '{parent}': {len(loose)} image(s) lie directly in it (e.g. '{loose[0]}') and would not be "
+            f"used, since only its '{pattern}' sub-folders are read; move them into such a sub-folder "
+            f"(e.g. '{parent / example}'), or remove them"
+        ]
+    if not has_folders:
         return [f"{option} '{parent}': no sub-folders named '{pattern}' (e.g. '{example}') with images in it"]
     return []
 

@@ -31,7 +31,10 @@ from library.errors import UserError
 
 __all__ = [
     "ImageRecord",
+    "MetadataFileError",
+    "SubsetFindings",
     "face_crop_warnings",
+    "image_extensions_text",
     "ScanReport",
     "UnreadableImagesError",
     "metadata_caption",
@@ -57,6 +60,35 @@ class ImageRecord(NamedTuple):
     height: int
 
 
+# Picture and video formats this trainer does not read: such a file in an image folder was almost
+# certainly meant to train, so it is named in a warning instead of being skipped without a word.
+OTHER_PICTURE_SUFFIXES = frozenset({
+    ".gif", ".apng", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".jp2", ".j2k", ".svg", ".psd",
+    ".ico", ".tga", ".exr", ".hdr", ".dng", ".raw", ".cr2", ".nef", ".arw", ".ppm", ".pgm", ".pbm",
+    ".mp4", ".webm", ".mov", ".mkv", ".avi",
+})
+# Files that live beside images without being pictures (captions, caches, notes): never "unread images".
+COMPANION_SUFFIXES = frozenset({
+    ".txt", ".caption", ".captions", ".tags", ".json", ".jsonl", ".npz", ".toml", ".yaml", ".yml", ".md", ".csv",
+    ".log", ".ini", ".db",
+})
+
+
+@dataclass
+class SubsetFindings:
+    """What the scan of one subset saw, for messages about subsets that give nothing to train on."""
+
+    subset: SubsetBlueprint
+    folder: str | None  # absolute image_dir (None: a metadata subset without one)
+    images: int = 0  # image files listed (DreamBooth) or metadata keys that name a file (fine-tuning)
+    unreadable: list[str] = field(default_factory=list)  # image paths whose header cannot be read
+    files: int = 0  # DreamBooth, only counted when the folder holds no image: non-hidden files in it
+    sub_folders: list[str] = field(default_factory=list)  # ditto: its sub-folders (never scanned)
+    not_read: list[str] = field(default_factory=list)  # files that look like pictures in a format not read
+    keys: int = 0  # fine-tuning: entries in the metadata file
+    unmatched: list[str] = field(default_factory=list)  # fine-tuning: keys that name no image
+
+
 @dataclass
 class ScanReport:
     """What scanning found besides the records: warnings to show, and problems that stop the run."""
@@ -64,6 +96,11 @@ class ScanReport:
     warnings: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
     caption_errors: list[str] = field(default_factory=list)
+    findings: list[SubsetFindings] = field(default_factory=list)  # one per scan_subset call, in call order
+
+
+class MetadataFileError(UserError, ValueError):
+    """A metadata file (--in_json / metadata_file) that cannot be used; the message names the file (and line)."""
 
 
 class UnreadableImagesError(UserError, RuntimeError):
@@ -179,8 +216,48 @@ def _read_image(
     return text, size_or_reason(path)
 
 
+def image_extensions_text() -> str:
+    """The image extensions read here, for messages: ".png .jpg .jpeg .webp .bmp" (any letter case)."""
+    return " ".join(image_extensions())
+
+
+def _not_read_files(folder: str, names: set[str], known: Sequence[str], extension: str) -> list[str]:
+    """Sorted names of files that look like training pictures this trainer does not read: a picture or video
+    format it has no decoder for (``cat.gif``), or any other file with a caption file beside it.
+
+    ``known``: names already accounted for (the images and their caption files), removed by one set
+    difference so that only the few other names of a big folder are looked at in Python.
+    """
+    readable = tuple(image_extensions())
+    skip = tuple(COMPANION_SUFFIXES | ({extension.lower()} if extension else set()))
+    found = []
+    for name in names.difference(known):
+        lower = name.lower()
+        if name[0] == "." or "." not in name[1:] or lower.endswith(readable) or lower.endswith(skip):
+            continue
+        if lower[lower.rfind(".") :] in OTHER_PICTURE_SUFFIXES or (
+            extension and _caption_file_name(name, extension, names) is not None
+        ):
+            found.append(name)
+    return sorted(name for name in found if os.path.isfile(os.path.join(folder, name)))
+
+
+def _folder_contents(folder: str, names: set[str]) -> tuple[int, list[str]]:
+    """(non-hidden files, sorted sub-folder names) of a folder; only called for folders without images."""
+    files, folders = 0, []
+    for name in names:
+        if name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            folders.append(name)
+        elif os.path.isfile(path):
+            files += 1
+    return files, sorted(folders)
+
+
 def _scan_dreambooth(
-    subset: SubsetBlueprint, report: ScanReport, workers: int | None
+    subset: SubsetBlueprint, report: ScanReport, workers: int | None, findings: SubsetFindings
 ) -> list[tuple[str, str, tuple[int, int] | str]]:
     folder = os.path.abspath(subset.image_dir)
     image_names, names = _folder_names(folder)
@@ -188,11 +265,13 @@ def _scan_dreambooth(
     extension = normalize_caption_extension(subset.caption_extension or "")
     paths = [prefix + name for name in image_names]
     caption_paths: list[str | None] = [None] * len(paths)
+    caption_names = []
     if extension:
         for i, name in enumerate(image_names):
             caption_name = _caption_file_name(name, extension, names)
             if caption_name is not None:
                 caption_paths[i] = prefix + caption_name
+                caption_names.append(caption_name)
     wildcard = subset.enable_wildcard
     loaded = parallel_map(lambda i: _read_image(paths[i], caption_paths[i], wildcard), range(len(paths)), workers)
     fallback = subset.class_tokens or ""
@@ -212,8 +291,17 @@ def _scan_dreambooth(
             f"has no class_tokens: they train with an EMPTY caption (first: {uncaptioned[0]}). "
             "Add caption files or set class_tokens."
         )
-    if not image_names:
-        report.warnings.append(f"no images found in {folder}")
+    findings.images = len(image_names)
+    findings.not_read = _not_read_files(folder, names, image_names + caption_names, extension)
+    if not image_names:  # described by the caller (an error when no subset has anything to train on)
+        findings.files, findings.sub_folders = _folder_contents(folder, names)
+    elif findings.not_read:
+        examples = ", ".join(repr(name) for name in findings.not_read[:3])
+        report.warnings.append(
+            f"{folder}: {len(findings.not_read)} file(s) look like training images but are not a format this "
+            f"trainer reads, so they are skipped (e.g. {examples}); it reads {image_extensions_text()}: "
+            "convert them to PNG (an animated GIF: one frame per PNG), or move them out of the folder"
+        )
     return entries
 
 
@@ -221,18 +309,106 @@ def _scan_dreambooth(
 
 
 def read_metadata_file(path: str) -> list[tuple[str, dict]]:
-    """(key, entry) pairs of a metadata ``.json`` (key -> entry) or ``.jsonl`` (one object with image_path per line)."""
-    with open(path, encoding="utf-8-sig") as file:
-        if path.lower().endswith(".jsonl"):
-            pairs = []
-            for number, line in enumerate(file, 1):
-                if line.strip():
-                    entry = json.loads(line)
-                    if "image_path" not in entry:
-                        raise ValueError(f"{path} line {number}: no 'image_path' in {line.strip()[:80]}")
-                    pairs.append((entry["image_path"], entry))
-            return pairs
-        return list(json.load(file).items())
+    """(key, entry) pairs of a metadata ``.json`` (key -> entry) or ``.jsonl`` (one object with image_path per line).
+
+    Raises ``MetadataFileError`` naming the file, and the line or key, for anything that is not such a file.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise MetadataFileError(
+            f"{path}: cannot read the metadata file ({error.strerror or error}); check the path and its permissions"
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")  # -sig: tolerate the BOM some Windows editors write
+    except UnicodeDecodeError as error:
+        raise MetadataFileError(
+            f"{path}: not UTF-8 text (bad byte at offset {error.start}); save the metadata file as UTF-8"
+        ) from None
+    if path.lower().endswith(".jsonl"):
+        return _jsonl_pairs(text, path)
+    return _json_pairs(text, path)
+
+
+_ENTRY_EXAMPLE = '{"caption": "a cat on a sofa", "tags": "cat, sofa"}'
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _json_pairs(text: str, path: str) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = "fix the file, or make it again"
+        if error.msg == "Extra data":
+            hint = "a file with one JSON object per line must be named .jsonl"
+        raise MetadataFileError(
+            f"{path}: not valid JSON at line {error.lineno}, column {error.colno} ({error.msg}); {hint}"
+        ) from None
+    if not isinstance(data, dict):
+        raise MetadataFileError(
+            f"{path}: holds a JSON {_json_type(data)}, but a metadata file is one object that maps each image "
+            f'to its entry, e.g. {{"img_0001": {_ENTRY_EXAMPLE}}}; make it again in that form'
+        )
+    pairs = list(data.items())
+    for key, entry in pairs:
+        problem = _entry_problem(entry)
+        if problem:
+            raise MetadataFileError(f"{path}: the entry of key {key!r} {problem}")
+    return pairs
+
+
+def _jsonl_pairs(text: str, path: str) -> list[tuple[str, dict]]:
+    pairs = []
+    # split on newlines only: JSON strings may hold U+2028 and other characters str.splitlines() splits on
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MetadataFileError(
+                f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno}); each line must be "
+                f'one complete JSON object such as {{"image_path": "img_0001.png", "caption": "a cat"}}'
+            ) from None
+        if not isinstance(entry, dict):
+            raise MetadataFileError(
+                f"{path} line {number}: a JSON {_json_type(entry)}, expected one object per line such as "
+                f'{{"image_path": "img_0001.png", "caption": "a cat"}}; fix that line'
+            )
+        image_path = entry.get("image_path")
+        if not isinstance(image_path, str) or not image_path:
+            raise MetadataFileError(
+                f"{path} line {number}: no 'image_path' (the image's file name or path) in {line.strip()[:80]}; "
+                "add it to that line"
+            )
+        problem = _entry_problem(entry)
+        if problem:
+            raise MetadataFileError(f"{path} line {number}: the entry {problem}")
+        pairs.append((image_path, entry))
+    return pairs
+
+
+def _entry_problem(entry) -> str | None:
+    """Why a metadata entry cannot be used ("is a list, ..."), or None."""
+    if not isinstance(entry, dict):
+        return f"is a {_json_type(entry)}; each entry must be an object such as {_ENTRY_EXAMPLE}"
+    for name in ("caption", "tags"):
+        value = entry.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"has a {_json_type(value)} as its {name!r}; write it as one string, e.g. \"cat, sofa\""
+    size = entry.get("image_size")
+    if size is not None and not (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1 for v in size)
+    ):
+        return f"has image_size {json.dumps(size)[:40]}; write it as [width, height] in pixels, or leave it out"
+    return None
 
 
 def _resolve_key(key: str, folder: str | None, names: set[str], extensions: Sequence[str]) -> str | None:
@@ -273,12 +449,15 @@ def metadata_caption(entry: dict, separator: str, enable_wildcard: bool) -> str:
     return caption + separator + tags
 
 
-def _scan_fine_tuning(subset: SubsetBlueprint, report: ScanReport) -> list[tuple[str, str, tuple[int, int] | None]]:
+def _scan_fine_tuning(
+    subset: SubsetBlueprint, report: ScanReport, findings: SubsetFindings
+) -> list[tuple[str, str, tuple[int, int] | None]]:
     folder = os.path.abspath(subset.image_dir) if subset.image_dir else None
     names = _folder_names(folder)[1] if folder and os.path.isdir(folder) else set()
     extensions = image_extensions()
     entries, missing, empty = [], [], 0
-    for key, entry in read_metadata_file(subset.metadata_file):
+    pairs = read_metadata_file(subset.metadata_file)
+    for key, entry in pairs:
         path = _resolve_key(key, folder, names, extensions)
         if path is None:
             missing.append(key)
@@ -287,10 +466,14 @@ def _scan_fine_tuning(subset: SubsetBlueprint, report: ScanReport) -> list[tuple
         empty += not caption
         size = entry.get("image_size")
         entries.append((path, caption, (int(size[0]), int(size[1])) if size else None))
-    if missing:
+    findings.folder, findings.keys, findings.images, findings.unmatched = folder, len(pairs), len(entries), missing
+    if missing and entries:  # none matching is described by the caller (an error if nothing else trains)
+        examples = ", ".join(repr(key) for key in missing[:3])
+        where = f"in {folder}" if folder else "(no image_dir given, so only absolute paths can match)"
         report.warnings.append(
-            f"{len(missing)} key(s) of {subset.metadata_file} match no image (e.g. {missing[0]!r}); skipped. "
-            "Relative keys are looked up in image_dir as <key> or <key>.<image extension>."
+            f"{subset.metadata_file}: {len(missing)} key(s) of its {len(pairs)} match no image {where} and are "
+            f"skipped (e.g. {examples}); a key is looked up as <image_dir>/<key>, as <key> plus an image extension "
+            f"({image_extensions_text()}), or as an absolute path: fix those keys, or add the missing images"
         )
     if empty:
         report.warnings.append(f"{empty} image(s) in {subset.metadata_file} have neither caption nor tags")
@@ -309,14 +492,18 @@ def scan_subset(
     """Every usable image of a subset with its raw caption and size.
 
     Problems go into ``report``; without one, unreadable images or caption files raise
-    ``UnreadableImagesError`` and warnings are dropped.
+    ``UnreadableImagesError`` and warnings are dropped. A metadata file that cannot be parsed raises
+    ``MetadataFileError`` at once (nothing of that subset can be scanned). What was seen is appended to
+    ``report.findings`` (one ``SubsetFindings`` per call) for messages about subsets that give nothing.
     """
     own_report = report is None
     report = report or ScanReport()
+    findings = SubsetFindings(subset, os.path.abspath(subset.image_dir) if subset.image_dir else None)
+    report.findings.append(findings)
     if dataset.kind == "fine_tuning" or subset.metadata_file:
-        entries = _scan_fine_tuning(subset, report)
+        entries = _scan_fine_tuning(subset, report, findings)
     else:  # DreamBooth and mask kinds list the image folder
-        entries = _scan_dreambooth(subset, report, workers)
+        entries = _scan_dreambooth(subset, report, workers, findings)
     unsized = [path for path, _, size in entries if size is None]  # fine-tuning entries without image_size
     sizes = dict(zip(unsized, read_sizes(unsized, workers))) if unsized else {}
     records = []
@@ -325,6 +512,7 @@ def scan_subset(
             size = sizes[path]
         if isinstance(size, str):
             report.unreadable.append((path, size))
+            findings.unreadable.append(path)
         else:
             records.append(ImageRecord(path, caption, size[0], size[1]))
     if own_report and (report.unreadable or report.caption_errors):

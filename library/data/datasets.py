@@ -24,9 +24,18 @@ from torch.utils.data import DataLoader, Dataset
 from library.data.buckets import assign_buckets, format_bucket_table, make_bucket_resolutions, no_upscale_buckets
 from library.data.captions import CaptionSettings, count_tags, process_caption, resolve_token_warmup_step
 from library.data.config import DatasetBlueprint, SubsetBlueprint
+from library.data.dataset_checks import (
+    NoTrainingDataError,
+    regularization_warnings,
+    resize_warnings,
+    subset_label,
+    unused_subset_message,
+)
 from library.data.dataset_scan import (
     ImageRecord,
+    MetadataFileError,
     ScanReport,
+    SubsetFindings,
     UnreadableImagesError,
     face_crop_warnings,
     paused_garbage_collection,
@@ -70,6 +79,8 @@ __all__ = [
     "DatasetGroup",
     "EpochBatches",
     "ImageRecord",
+    "MetadataFileError",
+    "NoTrainingDataError",
     "PreparedDataset",
     "UnreadableImagesError",
     "build_dataset_group",
@@ -206,7 +217,7 @@ def prepare_dataset(
     )
 
 
-def _drop_paths(records: list[ImageRecord], bad: set[str]) -> list[ImageRecord]:
+def _drop_paths(records: list[ImageRecord], bad: set[str] | dict[str, str]) -> list[ImageRecord]:
     return [record for record in records if record.path not in bad] if bad else records
 
 
@@ -221,8 +232,10 @@ def build_dataset_group(
     workers: int | None = None,
 ) -> "DatasetGroup":
     """Scan, check, balance and bucket every dataset. Raises ``UnreadableImagesError`` listing every
-    unreadable image (unless ``skip_unreadable``) and every unusable caption file. Warnings are not
-    logged here but returned in ``group.warnings`` for the caller to show (once)."""
+    unreadable image (unless ``skip_unreadable``) and every unusable caption file, ``MetadataFileError``
+    for a metadata file that cannot be read, and ``NoTrainingDataError`` (saying per subset what was
+    found) when no image is left to train on. Warnings are not logged here but returned in
+    ``group.warnings`` for the caller to show (once)."""
     # Scanning allocates a few objects per image and makes no reference cycles; with the collector on,
     # its full passes over every live object (the trainer's imports included) cost ~25% of the build.
     with paused_garbage_collection():
@@ -238,7 +251,7 @@ def build_dataset_group(
                 f"--skip_unreadable_images: {len(report.unreadable)} unreadable image(s) left out: "
                 + "; ".join(f"{path} ({reason})" for path, reason in report.unreadable)
             )
-        bad = {path for path, _ in report.unreadable}
+        bad = dict(report.unreadable)  # path -> reason
         for bp, per_dataset in zip(blueprints, scanned):
             report.warnings += face_crop_warnings(bp, per_dataset)
         datasets = [
@@ -247,7 +260,36 @@ def build_dataset_group(
             )
             for bp, per_dataset in zip(blueprints, scanned)
         ]
-        return DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings
+        group = DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings
+        unused = _unused_subset_messages(datasets, scanned, report.findings, bad)
+        if group.num_batches_per_epoch == 0:
+            raise NoTrainingDataError(unused or ["no subset gives an image to train on"], report.warnings)
+        group.warnings += unused + regularization_warnings(datasets) + resize_warnings(datasets)
+        return group
+
+
+def _unused_subset_messages(
+    datasets: Sequence[PreparedDataset],
+    scanned: Sequence[Sequence[list[ImageRecord]]],
+    findings: Sequence[SubsetFindings],
+    bad: dict[str, str],
+) -> list[str]:
+    """One message per subset that gives no sample per epoch, saying what its scan found and what to do."""
+    messages, position = [], 0
+    for i, (d, per_dataset) in enumerate(zip(datasets, scanned)):
+        samples = np.bincount(d.subset_ids, weights=d.repeats, minlength=len(d.blueprint.subsets))
+        for j, (subset, records) in enumerate(zip(d.blueprint.subsets, per_dataset)):
+            found = findings[position]
+            position += 1
+            if samples[j] > 0:
+                continue
+            paths = found.unreadable + [record.path for record in records if record.path in bad]
+            skipped = [(path, bad.get(path, "unreadable")) for path in paths]
+            label = subset_label(subset, i, j)
+            message = unused_subset_message(found, label, skipped, d.num_train_images)
+            if message:
+                messages.append(message)
+    return messages
 
 
 # ---------------------------------------------------------------- the group

@@ -36,20 +36,26 @@ def latent_caching_problems(blueprints: Sequence[DatasetBlueprint], args: argpar
 
 
 def prepare_datasets(args: argparse.Namespace, support: DatasetSupport):
-    """Validate the dataset options and scan the data; raises one error listing every problem."""
-    from library.data.datasets import build_dataset_group
+    """Validate the dataset options and scan the data; raises one error listing every problem (a
+    ``UserError``: bad options or paths, unreadable images or metadata, or nothing to train on)."""
+    from library.data.datasets import NoTrainingDataError, build_dataset_group
 
     blueprints = blueprints_from_args(args, support)
     problems = latent_caching_problems(blueprints, args)
     if problems:
         raise DatasetConfigError(problems, source="--cache_latents")
-    group = build_dataset_group(
-        blueprints,
-        prior_loss_weight=getattr(args, "prior_loss_weight", 1.0),
-        seed=args.seed if getattr(args, "seed", None) is not None else 0,
-        skip_unreadable=getattr(args, "skip_unreadable_images", False),
-        max_train_steps=getattr(args, "max_train_steps", None),
-    )
+    try:
+        group = build_dataset_group(
+            blueprints,
+            prior_loss_weight=getattr(args, "prior_loss_weight", 1.0),
+            seed=args.seed if getattr(args, "seed", None) is not None else 0,
+            skip_unreadable=getattr(args, "skip_unreadable_images", False),
+            max_train_steps=getattr(args, "max_train_steps", None),
+        )
+    except NoTrainingDataError as err:
+        for warning in err.warnings:  # what the scan saw first (skipped files, unmatched keys) explains the error
+            logger.warning(warning)
+        raise
     for warning in group.warnings:
         logger.warning(warning)
     print(group.summary())

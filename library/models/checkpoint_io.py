@@ -25,6 +25,57 @@ class UnsafeCheckpointError(UserError, RuntimeError):
     """A pickle checkpoint that asks to build objects other than tensors (it could execute code)."""
 
 
+class NotACheckpointError(UserError, ValueError):
+    """A file that is no weights file at all (text, an image, a truncated download), named in the message."""
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL_BYTE = 0x80
+
+
+def checkpoint_file_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be a .safetensors/.ckpt/.pt weights file, from its first bytes (None if it can).
+
+    Checked before anything is unpickled or memory-mapped, so a wrong file gets a message about what it
+    is rather than a parser's complaint (or a warning about unsafe pickles).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        return f"{path}: not a weights file (expected .safetensors, .ckpt, .pt, .pth or .bin)"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return f"{path}: the file is empty (an interrupted download or copy?); get the file again"
+    looks = _what_it_looks_like(head)
+    if suffix in SAFETENSORS_SUFFIXES:
+        header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+        if len(head) < 9 or header_len + 8 > size or head[8:9] != b"{":
+            return (
+                f"{path}: not a valid .safetensors file ({looks}; "
+                f"{size} bytes); an interrupted download or a renamed file? Get the file again"
+            )
+        return None
+    if head.startswith(ZIP_MAGIC) or head[0] == PICKLE_PROTOCOL_BYTE:
+        return None
+    return f"{path}: not a PyTorch checkpoint ({looks}); an interrupted download or a renamed file? Get the file again"
+
+
+def _what_it_looks_like(head: bytes) -> str:
+    if head.startswith(ZIP_MAGIC):
+        return "it is a zip archive"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF")):
+        return "it is an image"
+    if head.lstrip().startswith((b"<", b"{")):
+        return "it holds HTML/JSON text, perhaps an error page saved instead of the file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "its first bytes are not a known weights format"
+    return f"it holds text: {text.strip()[:40]!r}"
+
+
 def _lightning_checkpoint_stub() -> type:
     # Old SD .ckpt files pickle a PyTorch Lightning callback object next to the weights.
     # It holds no code we need; allowing this inert stub under that name lets
@@ -70,6 +121,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], i
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    problem = checkpoint_file_problem(path)
+    if problem:
+        raise NotACheckpointError(problem)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 

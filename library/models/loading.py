@@ -126,6 +126,23 @@ def resolve_model_location(name_or_path: str, hub_files=HUB_MODEL_FILES) -> Path
     return _download_from_hub(name_or_path, hub_files)
 
 
+def model_source_problem(option: str, name_or_path: str | None) -> str | None:
+    """What is wrong with a local model path, found without loading it (hub ids are checked when loaded)."""
+    if not name_or_path:
+        return None
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_file():
+        from library.models.checkpoint_io import checkpoint_file_problem
+
+        problem = checkpoint_file_problem(path)
+        return f"{option} {problem}" if problem else None
+    if path.is_dir():
+        return None
+    if _looks_like_local_path(name_or_path):
+        return f"{option} {name_or_path}: no such file or folder"
+    return None
+
+
 def _looks_like_local_path(name: str) -> bool:
     return (
         name.lower().endswith(SINGLE_FILE_SUFFIXES)

@@ -35,8 +35,6 @@ def add_full_model_arguments(parser: argparse.ArgumentParser, group_title: str) 
 def full_model_option_problems(args: argparse.Namespace, text_encoder_trains: bool, how_to_freeze: str) -> list[str]:
     """Checks both full-model recipes share; `how_to_freeze` names the recipe's option that freezes the text encoder."""
     problems = []
-    if args.learning_rate_te is not None and args.learning_rate_te < 0:
-        problems.append("--learning_rate_te must not be negative")
     if getattr(args, "cache_text_encoder_outputs", False) and text_encoder_trains:
         problems.append(
             "--cache_text_encoder_outputs: the text encoder trains in this run, so its outputs change every step; "

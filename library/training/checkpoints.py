@@ -139,10 +139,8 @@ class LoadedState:
     info: dict
 
 
-def load_training_state(folder: str | Path) -> LoadedState:
-    """Read a state folder written by `save_training_state`; explains what is missing."""
-    from safetensors.torch import load_file
-
+def read_state_info(folder: str | Path) -> dict:
+    """train_state.json of a complete state folder (nothing else is read); explains what is missing."""
     folder = Path(folder)
     missing = [n for n in (STATE_FILE, TRAINED_FILE, "optimizer.pt", "scheduler.pt") if not (folder / n).is_file()]
     if missing:
@@ -150,7 +148,29 @@ def load_training_state(folder: str | Path) -> LoadedState:
             f"--resume {folder}: not a complete training state (missing {', '.join(missing)}); "
             "pass a '*-state' folder written by --save_state"
         )
-    info = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    try:
+        info = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ResumeError(f"--resume {folder / STATE_FILE}: not valid JSON ({err}); the state folder is damaged") from None
+    if not isinstance(info, dict) or "current_step" not in info:
+        raise ResumeError(f"--resume {folder / STATE_FILE}: no current_step in it; the state folder is damaged")
+    return info
+
+
+def state_tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the trained tensors in a state folder, read from the file header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / TRAINED_FILE), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def load_training_state(folder: str | Path) -> LoadedState:
+    """Read a state folder written by `save_training_state`; explains what is missing."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = read_state_info(folder)
     progress = Progress(
         global_step=int(info["current_step"]),
         epoch=int(info["current_epoch"]),

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+import os
 from typing import Callable
 
 from library.args import build_parser, parse_args, write_config_file
-from library.errors import is_user_error
+from library.errors import INTERRUPTED_EXIT, UserError, is_user_error, print_user_error
 from library.recipe import Recipe, RecipeInfo
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     """Every problem the options have, found before any data or model is read."""
+    from library.models.loading import model_source_problem
     from library.training.hub import hub_option_problems
     from library.training.lr_schedulers import lr_scheduler_option_problems
     from library.training.noise import NoiseSettings, noise_option_problems
@@ -39,7 +40,28 @@ def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     problems += recipe.option_problems(args)
     if not args.pretrained_model_name_or_path and not args.debug_dataset:
         problems.append("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file, diffusers folder or hub id)")
+    for option, value in (("--pretrained_model_name_or_path", args.pretrained_model_name_or_path), ("--vae", args.vae)):
+        problem = model_source_problem(option, value)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+class OptionProblems(UserError, ValueError):
+    """Everything wrong with the options, found before any data or model is read (one line each)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            listed = "\n".join(f"  - {p}" for p in problems)
+            super().__init__(f"the options need fixing before training can start:\n{listed}")
+
+
+def is_main_launch_process() -> bool:
+    """Rank 0 of an `accelerate launch` run (or a plain run), known before accelerate starts."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_script(
@@ -62,13 +84,12 @@ def run_script(
     try:
         return body(args)
     except KeyboardInterrupt:
-        print("interrupted; files being written were left untouched", file=sys.stderr)
-        return 130
+        print_user_error("interrupted; files being written were left untouched")
+        return INTERRUPTED_EXIT
     except Exception as err:  # noqa: BLE001 - user errors are one line, bugs keep their traceback
         if not is_user_error(err):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return print_user_error(err)
 
 
 def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:
@@ -78,6 +99,12 @@ def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:
 
 def _train(recipe: Recipe, args: argparse.Namespace) -> int:
     from library.data.pipeline import prepare_datasets, wants_datasets
+    from library.training.output_folder import (
+        clean_interrupted_saves,
+        hold_output_folder,
+        latent_cache_folder_problems,
+        output_folder_problems,
+    )
     from library.training.sampling import make_sampling_hook
     from library.training.trainer import Trainer, resolve_seed
 
@@ -86,25 +113,31 @@ def _train(recipe: Recipe, args: argparse.Namespace) -> int:
 
         check_xformers_usable()
     if not wants_datasets(args):
-        print("error: no training data: give --dataset_config, or --train_data_dir (see docs/datasets.md)", file=sys.stderr)
-        return 1
+        raise UserError("no training data: give --dataset_config, or --train_data_dir (see docs/datasets.md)")
     if args.debug_dataset:
         from library.data.preview import run_debug_dataset
 
         run_debug_dataset(prepare_datasets(args, recipe.info.datasets), None)
         return 0
     problems = option_problems(args, recipe)
+    if not problems:  # a missing --output_dir is already among the problems
+        problems = output_folder_problems(args)
     if problems:
-        print("error: the options need fixing before training can start:", file=sys.stderr)
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 1
-    if args.resume_from_huggingface:
-        from library.training.hub import download_state
+        raise OptionProblems(problems)
+    main = is_main_launch_process()
+    with hold_output_folder(args.output_dir, recipe.info.script, enabled=main):
+        if main:
+            for action in clean_interrupted_saves(args.output_dir):
+                logger.info(action)
+        if args.resume_from_huggingface:
+            from library.training.hub import download_state
 
-        args.resume = str(download_state(args.resume, token=args.huggingface_token))
-    args.seed = resolve_seed(args)
-    group = prepare_datasets(args, recipe.info.datasets)
-    sampling = make_sampling_hook(args)
-    extra_hooks = [sampling.hooks()] if sampling is not None else []
-    return Trainer(recipe, args, group, args.seed, extra_hooks).run()
+            args.resume = str(download_state(args.resume, token=args.huggingface_token))
+        args.seed = resolve_seed(args)
+        group = prepare_datasets(args, recipe.info.datasets)
+        problems = latent_cache_folder_problems(group, bool(args.cache_latents_to_disk))
+        if problems:
+            raise OptionProblems(problems)
+        sampling = make_sampling_hook(args)
+        extra_hooks = [sampling.hooks()] if sampling is not None else []
+        return Trainer(recipe, args, group, args.seed, extra_hooks).run()

@@ -223,7 +223,7 @@ def _import_class(choice: OptimizerChoice) -> type:
 
 def optimizer_option_problems(args: argparse.Namespace) -> list[str]:
     """Everything wrong with the optimizer options, found before any model is loaded."""
-    problems: list[str] = []
+    problems: list[str] = learning_rate_problems(args)
     if getattr(args, "fused_backward_pass", False):
         problems.append(
             "--fused_backward_pass is not supported yet (it saves memory with Adafactor only); remove it"
@@ -245,6 +245,19 @@ def optimizer_option_problems(args: argparse.Namespace) -> list[str]:
     if choice is not None and choice.name == "Adafactor" and not adafactor_relative_step(kwargs):
         if getattr(args, "learning_rate", None) is None:
             problems.append("Adafactor with relative_step=False needs a learning rate: set --learning_rate")
+    return problems
+
+
+def learning_rate_problems(args: argparse.Namespace) -> list[str]:
+    """Every learning-rate option a recipe has must be a finite number >= 0 (0 freezes that part)."""
+    import math
+
+    problems = []
+    for name in ("learning_rate", "unet_lr", "text_encoder_lr", "learning_rate_te"):
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and (not math.isfinite(v) or v < 0):
+                problems.append(f"--{name} {v}: a learning rate must be a number >= 0 (typical: 1e-4 for LoRA, 1e-6 for DreamBooth)")
     return problems
 
 

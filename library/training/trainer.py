@@ -18,19 +18,22 @@ from pathlib import Path
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, describe_os_error, is_user_error
 from library.recipe import Attached, Hooks, PartStop, Recipe, TrainingContext
 from library.training.checkpoints import (
     Progress,
     epoch_name,
     epoch_to_prune,
     final_name,
+    ResumeError,
     load_training_state,
+    read_state_info,
     remove_output,
     save_training_state,
     should_save_at_epoch,
     should_save_at_step,
     state_folder_name,
+    state_tensor_shapes,
     step_name,
     step_to_prune,
 )
@@ -43,6 +46,15 @@ from library.training.diffusion_step import (
 )
 from library.training.interrupts import StopRequest
 from library.training.modes import eval_mode
+from library.training.output_folder import rescue_folders
+from library.training.run_record import (
+    class_name,
+    dataset_change,
+    dataset_fingerprint,
+    jsonable_options,
+    option_differences,
+    shape_problem,
+)
 from library.training.schedule import Schedule, batch_seed, micro_batch_group, plan_schedule
 
 logger = logging.getLogger(__name__)
@@ -50,6 +62,14 @@ logger = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or the trained weights stopped being finite; nothing broken was written."""
+
+
+class SaveFailed(UserError, RuntimeError):
+    """--output_dir refused a save; the message says where the weights were written instead."""
+
+
+class NotEnoughDiskSpace(UserError, RuntimeError):
+    """The output disk cannot hold even one save of this run."""
 
 
 def make_accelerator(args: argparse.Namespace, find_unused_parameters: bool = False):
@@ -154,6 +174,7 @@ class Trainer:
         self.lr_scheduler = lr_scheduler
         self.trainable = [p for g in attached.param_groups for p in g["params"]]
 
+        self._check_disk_space()
         progress = Progress()
         if args.resume:
             progress = self._resume(args.resume, schedule)
@@ -297,13 +318,27 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def _resume(self, folder: str, schedule: Schedule) -> Progress:
+        info = read_state_info(folder)
+        self._check_state_fits(folder, info)
         state = load_training_state(folder)
-        self.recipe.load_trained_state_dict(state.trained)
-        self.optimizer.load_state_dict(state.optimizer_state)
-        self.lr_scheduler.load_state_dict(state.scheduler_state)
-        if state.scaler_state is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state.scaler_state)
+        try:
+            self.recipe.load_trained_state_dict(state.trained)
+            self.optimizer.load_state_dict(state.optimizer_state)
+            self.lr_scheduler.load_state_dict(state.scheduler_state)
+            if state.scaler_state is not None and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(state.scaler_state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise ResumeError(self._resume_mismatch(folder, info, f"it does not load ({type(err).__name__}: "
+                                                    f"{str(err).splitlines()[0][:200]})")) from None
         progress = state.progress
+        changed = dataset_change(info.get("dataset"), dataset_fingerprint(self.group))
+        if changed:
+            logger.warning(
+                "the dataset changed since %s was saved (%s): the run continues from step %d, but it cannot repeat "
+                "the batches the interrupted run would have seen; the interrupted epoch restarts from its beginning",
+                folder, changed, progress.global_step,
+            )  # fmt: skip
+            progress = replace(progress, batch_in_epoch=0)
         saved_processes = state.info.get("num_processes", self.accelerator.num_processes)
         if saved_processes != self.accelerator.num_processes and progress.batch_in_epoch:
             # The position inside an epoch is per process; with another process count, restart the epoch.
@@ -316,6 +351,43 @@ class Trainer:
             print(f"resumed from {folder}: step {progress.global_step}, epoch {progress.epoch + 1}, "
                   f"batch {progress.batch_in_epoch} of the epoch")
         return progress
+
+    def _check_state_fits(self, folder: str, info: dict) -> None:
+        """Compare what the state was trained with against this run before any of its tensors is read."""
+        saved_optimizer = info.get("optimizer_class")
+        optimizer = class_name(self.built_optimizer.optimizer)
+        if saved_optimizer and saved_optimizer != optimizer:
+            raise ResumeError(self._resume_mismatch(
+                folder, info, f"it was written by the optimizer {saved_optimizer}, this run uses {optimizer}"
+            ))  # fmt: skip
+        current = {key: tuple(value.shape) for key, value in self.recipe.trained_state_dict().items()}
+        problem = shape_problem(state_tensor_shapes(folder), current)
+        if problem:
+            raise ResumeError(self._resume_mismatch(folder, info, f"its weights do not fit this run: {problem}"))
+
+    def _resume_mismatch(self, folder: str, info: dict, what: str) -> str:
+        changed = option_differences(info.get("options") or {}, self.args)
+        if changed:
+            fix = f"resume with the options the state was written with: {', '.join(changed)}"
+        else:
+            fix = "resume with the options the state was written with (its train_state.json lists them)"
+        return f"--resume {folder}: {what}. {fix[0].upper()}{fix[1:]}, or start a new run without --resume"
+
+    def _check_disk_space(self) -> None:
+        """Refuse a run whose output disk cannot take even one save (found now, not after hours of training)."""
+        import shutil
+
+        if not self.accelerator.is_main_process:
+            return
+        trained = self.recipe.trained_state_dict()
+        model_bytes = sum(t.numel() * t.element_size() for t in trained.values())
+        needed = model_bytes * (2 if self.args.save_state else 1)
+        free = shutil.disk_usage(self.output_dir).free
+        if free < needed:
+            raise NotEnoughDiskSpace(
+                f"--output_dir {self.output_dir}: {free / 2**20:.0f} MiB free on its disk, but one save of this run "
+                f"needs at least {needed / 2**20:.0f} MiB; free some space or choose a folder on another disk"
+            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -533,22 +605,88 @@ class Trainer:
             print(f"stopped by {reason} at step {progress.global_step}; resume with: --resume {state}")
 
     def _save(self, name: str, progress: Progress, state: bool) -> None:
-        """Write the model file (and a state folder) on the main process; the others wait."""
+        """Write the model file (and a state folder) on the main process; the others wait.
+
+        If --output_dir refuses the files (full disk, permissions, a removed drive), the model and a
+        resumable state go to a rescue folder instead and the run stops, saying where they are.
+        """
         accelerator = self.accelerator
         self._check_finite_weights(progress)
         accelerator.wait_for_everyone()
+        failure = None
         if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            path = self.recipe.save(self.output_dir, name, self.ctx, progress)
-            self.last_saved = path
-            logger.info("saved %s", path)
-            if self.hub is not None:
-                self.hub.upload(path, "model")
-            if state:
-                self._save_state(self.output_dir / state_folder_name(name), progress)
-                if self.hub is not None and self.args.save_state_to_huggingface:
-                    self.hub.upload(self.output_dir / state_folder_name(name), "state")
-        accelerator.wait_for_everyone()
+            try:
+                self._write_save(self.output_dir, name, progress, state, upload=True)
+            except Exception as err:  # noqa: BLE001 - every failed save is rescued; bugs keep their traceback in the log
+                failure = self._rescue(name, progress, err)
+        failure = self._main_process_says(failure)
+        if failure:
+            raise SaveFailed(failure)
+
+    def _write_save(self, folder: Path, name: str, progress: Progress, state: bool, upload: bool) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = self.recipe.save(folder, name, self.ctx, progress)
+        self.last_saved = path
+        logger.info("saved %s", path)
+        if upload and self.hub is not None:
+            self.hub.upload(path, "model")
+        if state:
+            self._save_state(folder / state_folder_name(name), progress)
+            if upload and self.hub is not None and self.args.save_state_to_huggingface:
+                self.hub.upload(folder / state_folder_name(name), "state")
+        return path
+
+    def _rescue(self, name: str, progress: Progress, err: Exception) -> str:
+        """Save to the first rescue folder that takes the files; the message for the user either way."""
+        if not is_user_error(err) and not isinstance(err, OSError):
+            logger.error("saving to %s failed", self.output_dir, exc_info=err)
+        reason = self._write_failure_reason(err)
+        where = f"could not save step {progress.global_step} to --output_dir {self.output_dir} ({reason})"
+        for folder in rescue_folders(self.output_dir):
+            try:
+                path = self._write_save(folder, name, progress, state=True, upload=False)
+            except Exception as rescue_err:  # noqa: BLE001 - try the next place
+                logger.warning("rescue folder %s failed too: %s", folder, rescue_err)
+                continue
+            state = folder / state_folder_name(name)
+            return (
+                f"{where}. The weights were saved to {path} instead (nothing is lost); to go on training, fix the "
+                f"folder and run again with --resume {state}"
+            )
+        kept = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved in this run"
+        return f"{where}, and no rescue folder took the files either ({', '.join(map(str, rescue_folders(self.output_dir)))}); {kept}"
+
+    def _write_failure_reason(self, err: Exception) -> str:
+        import shutil
+
+        import os
+        import re
+
+        if isinstance(err, OSError):
+            return describe_os_error(err)
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        code = re.search(r"Os \{ code: (\d+)", text)  # safetensors reports the OS error inside its own text
+        if code:
+            number = int(code.group(1))
+            return describe_os_error(OSError(number, os.strerror(number), str(self.output_dir)))
+        try:
+            free = shutil.disk_usage(self.output_dir).free
+        except OSError:
+            return text
+        needed = sum(t.numel() * t.element_size() for t in self.recipe.trained_state_dict().values())
+        if free < needed * 2:
+            return f"the disk is full: {free / 2**20:.0f} MiB free, a save needs about {needed * 2 / 2**20:.0f} MiB; {text}"
+        return f"{type(err).__name__}: {text}"
+
+    def _main_process_says(self, message: str | None) -> str | None:
+        """The main process's `message`, on every process (so all stop together)."""
+        if self.accelerator.num_processes == 1:
+            return message
+        from accelerate.utils import broadcast_object_list
+
+        box = [message]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
     def _save_state(self, folder: Path, progress: Progress) -> None:
         scaler = self.accelerator.scaler
@@ -559,7 +697,13 @@ class Trainer:
             self.optimizer.state_dict(),
             self.lr_scheduler.state_dict(),
             scaler.state_dict() if scaler is not None else None,
-            extra={"seed": self.seed, "num_processes": self.accelerator.num_processes},
+            extra={
+                "seed": self.seed,
+                "num_processes": self.accelerator.num_processes,
+                "optimizer_class": class_name(self.built_optimizer.optimizer),
+                "dataset": dataset_fingerprint(self.group),
+                "options": jsonable_options(self.args),
+            },
         )
         logger.info("saved training state %s", folder)
 
