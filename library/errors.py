@@ -43,13 +43,13 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, OSError) and (isinstance(err, FileNotFoundError) or err.errno in _OS_ERROR_FIXES)
 
 
-def describe_os_error(err: OSError) -> str:
-    """`<path>: <OS text>; <fix>` for an OS error about a path."""
-    where = err.filename if err.filename is not None else ""
+def describe_os_error(err: OSError, with_path: bool = True) -> str:
+    """`<path>: <OS text>; <fix>` for an OS error about a path (without the path when the caller names it)."""
+    where = err.filename if err.filename is not None and with_path else ""
     text = err.strerror or str(err)
     fix = _OS_ERROR_FIXES.get(err.errno or 0)
     message = f"{where}: {text}" if where else text
-    if err.filename2 is not None:
+    if err.filename2 is not None and with_path:
         message += f" (-> {err.filename2})"
     return f"{message}; {fix}" if fix else message
 

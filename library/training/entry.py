@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Callable
 
 from library.args import build_parser, parse_args, write_config_file
@@ -84,7 +85,7 @@ def run_script(
     try:
         return body(args)
     except KeyboardInterrupt:
-        print_user_error("interrupted; files being written were left untouched")
+        print("interrupted; files being written were left untouched", file=sys.stderr)
         return INTERRUPTED_EXIT
     except Exception as err:  # noqa: BLE001 - user errors are one line, bugs keep their traceback
         if not is_user_error(err):

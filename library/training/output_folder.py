@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -23,6 +24,8 @@ from typing import Iterable, Iterator
 
 from library.errors import UserError, describe_os_error
 from library.fileio import restore_interrupted_replacements
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".sd-trainer.lock"
 RESCUE_ENV = "SD_TRAINER_RESCUE_DIR"
@@ -45,7 +48,7 @@ def writable_folder_problem(option: str, folder: str | os.PathLike, create: bool
             f.write(b"0" * 4096)
         probe.unlink()
     except OSError as err:
-        return f"{option} {path}: cannot write files there ({describe_os_error(err)})"
+        return f"{option} {path}: cannot write files there ({describe_os_error(err, with_path=False)})"
     return None
 
 
@@ -142,6 +145,9 @@ def _try_lock(fd: int) -> bool:
         return True
     except BlockingIOError:
         return False
+    except OSError as err:  # e.g. ENOLCK on some network filesystems: run unguarded rather than not at all
+        logger.warning("cannot lock the output folder (%s); make sure no other run writes there", err.strerror)
+        return True
 
 
 def clean_interrupted_saves(folder: str | os.PathLike) -> list[str]:

@@ -54,6 +54,8 @@ def option_differences(recorded: dict, args: argparse.Namespace, limit: int = 8)
 
 
 def _show(value) -> str:
+    if value is None or value == "":
+        return "(not given)"
     if isinstance(value, list):
         return " ".join(str(v) for v in value) or "[]"
     return str(value)
