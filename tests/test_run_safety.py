@@ -241,3 +241,45 @@ def test_a_second_run_in_the_same_output_dir_is_refused_with_the_first_runs_pid(
         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the same guarantees in the full-model recipes
+
+
+def db_args(model, data, out, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution", "64",
+            "--output_dir", str(out), "--output_name", "db", "--learning_rate", "1e-5", "--seed", "3",
+            "--max_data_loader_n_workers", "0", "--save_model_as", "safetensors", *extra]
+
+
+def test_dreambooth_refuses_a_lora_state_and_rescues_a_refused_save(
+    tiny_models, data, saved_state, tmp_path, capsys, monkeypatch
+):
+    import train_db
+
+    capsys.readouterr()
+    code = run_recipe(train_db.DreamBoothRecipe(), db_args(tiny_models["sd1"], data, tmp_path / "db",
+                                                           "--max_train_steps", "3", "--resume", str(saved_state)))
+    assert code == 1
+    message = error_of(capsys)
+    assert "its weights do not fit this run" in message and "not in the state" in message
+
+    out, rescue = tmp_path / "db2", tmp_path / "rescue"
+    monkeypatch.setenv("SD_TRAINER_RESCUE_DIR", str(rescue))
+    real_save = train_db.DreamBoothRecipe.save
+
+    def save(self, folder, name, ctx, progress):
+        if Path(folder) == out:
+            refuse_writes(out)
+        return real_save(self, folder, name, ctx, progress)
+
+    monkeypatch.setattr(train_db.DreamBoothRecipe, "save", save)
+    try:
+        code = run_recipe(train_db.DreamBoothRecipe(), db_args(tiny_models["sd1"], data, out, "--max_train_steps", "1"))
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], capture_output=True)
+    assert code == 1
+    message = error_of(capsys)
+    saved = next(rescue.rglob("db.safetensors"))
+    assert str(saved) in message and "nothing is lost" in message
+    assert any(k.startswith("model.diffusion_model.") for k in load_file(str(saved)))

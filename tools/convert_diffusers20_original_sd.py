@@ -12,13 +12,13 @@ else as a diffusers folder (or a hub id when reading).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.args import ArgumentParser
 from library.models.checkpoint_io import read_checkpoint
 from library.models.loading import (
     HUB_CONFIG_FILES,
@@ -28,12 +28,13 @@ from library.models.loading import (
     load_base_model,
     resolve_model_location,
 )
+from library.tool_entry import run_tool
 
 REFERENCE_HINT = "pass --reference_model <a diffusers folder of the same architecture>"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_to_load", help="source: .ckpt/.safetensors file, diffusers folder or hub id")
     parser.add_argument("model_to_save", help="destination: a .ckpt/.safetensors file, or a folder for diffusers")
     parser.add_argument("--v1", action="store_true", help="the source is SD1.x (needed for single files)")
@@ -106,18 +107,11 @@ def _adopt_reference(parts, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    from library.errors import is_user_error
+    return run_tool(build_parser(), _convert_and_report, argv)
 
-    try:
-        path = convert(args)
-    except Exception as err:  # noqa: BLE001
-        if not is_user_error(err):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"saved {path}")
+
+def _convert_and_report(args: argparse.Namespace) -> int:
+    print(f"saved {convert(args)}")
     return 0
 
 

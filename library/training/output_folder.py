@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import tempfile
 import time
@@ -171,3 +173,25 @@ def rescue_folders(output_dir: str | os.PathLike) -> Iterable[Path]:
     roots.append(Path(tempfile.gettempdir()) / "sd-trainer-rescued")
     for root in roots:
         yield root / stamp
+
+
+def write_failure_reason(err: Exception, folder: Path, needed_bytes: int) -> str:
+    """Why a save into `folder` failed, in words: the OS error, or a full disk behind a library's own message.
+
+    torch's zip writer reports a full disk as "unexpected pos ..." and safetensors wraps OS errors in
+    its own text; the free space (the failed file is already removed) and the embedded errno tell.
+    """
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    code = re.search(r"Os \{ code: (\d+)", text)
+    if code:
+        number = int(code.group(1))
+        return describe_os_error(OSError(number, os.strerror(number), str(folder)))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return text
+    if free < needed_bytes * 2:
+        return f"the disk is full: {free / 2**20:.0f} MiB free, a save needs about {needed_bytes * 2 / 2**20:.0f} MiB; {text}"
+    return f"{type(err).__name__}: {text}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -18,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from library.errors import UserError, describe_os_error, is_user_error
+from library.errors import UserError, is_user_error
 from library.recipe import Attached, Hooks, PartStop, Recipe, TrainingContext
 from library.training.checkpoints import (
     Progress,
+    ResumeError,
     epoch_name,
     epoch_to_prune,
     final_name,
-    ResumeError,
     load_training_state,
     read_state_info,
     remove_output,
@@ -46,7 +47,7 @@ from library.training.diffusion_step import (
 )
 from library.training.interrupts import StopRequest
 from library.training.modes import eval_mode
-from library.training.output_folder import rescue_folders
+from library.training.output_folder import rescue_folders, write_failure_reason
 from library.training.run_record import (
     class_name,
     dataset_change,
@@ -373,15 +374,16 @@ class Trainer:
             fix = "resume with the options the state was written with (its train_state.json lists them)"
         return f"--resume {folder}: {what}. {fix[0].upper()}{fix[1:]}, or start a new run without --resume"
 
+    def _save_bytes(self) -> int:
+        """A lower bound of one save: the trained tensors once (twice with a state)."""
+        trained = self.recipe.trained_state_dict()
+        return sum(t.numel() * t.element_size() for t in trained.values()) * (2 if self.args.save_state else 1)
+
     def _check_disk_space(self) -> None:
         """Refuse a run whose output disk cannot take even one save (found now, not after hours of training)."""
-        import shutil
-
         if not self.accelerator.is_main_process:
             return
-        trained = self.recipe.trained_state_dict()
-        model_bytes = sum(t.numel() * t.element_size() for t in trained.values())
-        needed = model_bytes * (2 if self.args.save_state else 1)
+        needed = self._save_bytes()
         free = shutil.disk_usage(self.output_dir).free
         if free < needed:
             raise NotEnoughDiskSpace(
@@ -640,7 +642,7 @@ class Trainer:
         """Save to the first rescue folder that takes the files; the message for the user either way."""
         if not is_user_error(err) and not isinstance(err, OSError):
             logger.error("saving to %s failed", self.output_dir, exc_info=err)
-        reason = self._write_failure_reason(err)
+        reason = write_failure_reason(err, self.output_dir, self._save_bytes())
         where = f"could not save step {progress.global_step} to --output_dir {self.output_dir} ({reason})"
         for folder in rescue_folders(self.output_dir):
             try:
@@ -655,28 +657,6 @@ class Trainer:
             )
         kept = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved in this run"
         return f"{where}, and no rescue folder took the files either ({', '.join(map(str, rescue_folders(self.output_dir)))}); {kept}"
-
-    def _write_failure_reason(self, err: Exception) -> str:
-        import shutil
-
-        import os
-        import re
-
-        if isinstance(err, OSError):
-            return describe_os_error(err)
-        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        code = re.search(r"Os \{ code: (\d+)", text)  # safetensors reports the OS error inside its own text
-        if code:
-            number = int(code.group(1))
-            return describe_os_error(OSError(number, os.strerror(number), str(self.output_dir)))
-        try:
-            free = shutil.disk_usage(self.output_dir).free
-        except OSError:
-            return text
-        needed = sum(t.numel() * t.element_size() for t in self.recipe.trained_state_dict().values())
-        if free < needed * 2:
-            return f"the disk is full: {free / 2**20:.0f} MiB free, a save needs about {needed * 2 / 2**20:.0f} MiB; {text}"
-        return f"{type(err).__name__}: {text}"
 
     def _main_process_says(self, message: str | None) -> str | None:
         """The main process's `message`, on every process (so all stop together)."""
