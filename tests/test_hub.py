@@ -292,6 +292,7 @@ def test_download_state_errors_are_resume_errors(tmp_path):
 
 class _Accelerator:
     is_main_process = True
+    num_processes = 1
 
     def wait_for_everyone(self):
         pass
@@ -348,6 +349,7 @@ def test_offline_resume_from_huggingface_is_a_one_line_error(tmp_path):
     from tests.training_helpers import run_script, write_image_folder
 
     data = write_image_folder(tmp_path / "data" / "1_sq", count=1, caption="a square")
+    (tmp_path / "no_model_needed_yet").mkdir()  # a folder is taken as a diffusers model: loaded only later
     result = run_script(
         "train_network.py",
         "--pretrained_model_name_or_path", str(tmp_path / "no_model_needed_yet"), "--train_data_dir", str(data.parent),

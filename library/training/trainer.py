@@ -381,15 +381,18 @@ class Trainer:
 
     def _check_disk_space(self) -> None:
         """Refuse a run whose output disk cannot take even one save (found now, not after hours of training)."""
-        if not self.accelerator.is_main_process:
-            return
-        needed = self._save_bytes()
-        free = shutil.disk_usage(self.output_dir).free
-        if free < needed:
-            raise NotEnoughDiskSpace(
-                f"--output_dir {self.output_dir}: {free / 2**20:.0f} MiB free on its disk, but one save of this run "
-                f"needs at least {needed / 2**20:.0f} MiB; free some space or choose a folder on another disk"
-            )
+        problem = None
+        if self.accelerator.is_main_process:
+            needed = self._save_bytes()
+            free = shutil.disk_usage(self.output_dir).free
+            if free < needed:
+                problem = (
+                    f"--output_dir {self.output_dir}: {free / 2**20:.0f} MiB free on its disk, but one save of this "
+                    f"run needs at least {needed / 2**20:.0f} MiB; free some space or choose a folder on another disk"
+                )
+        problem = self._main_process_says(problem)
+        if problem:
+            raise NotEnoughDiskSpace(problem)
 
     # ------------------------------------------------------------------ the loop
 
