@@ -78,6 +78,10 @@ class NetworkRecipe:
         return problems
 
     @staticmethod
+    def dataset_problems(args: argparse.Namespace, group) -> list[str]:
+        return []
+
+    @staticmethod
     def find_unused_parameters(args: argparse.Namespace) -> bool:
         # module_dropout skips whole modules in some steps: DDP must not wait for their gradients.
         return any(str(a).startswith("module_dropout=") for a in (args.network_args or []))

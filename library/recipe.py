@@ -10,11 +10,12 @@ A run, and where the recipe comes in:
 
   1. options   the shared groups, shaped by `recipe.info`, plus `recipe.add_arguments(parser)`
   2. checks    the shared checks plus `recipe.option_problems(args)`, before any data or model loads
-  3. data      datasets of the kinds `recipe.info.datasets` accepts
+  3. data      datasets of the kinds `recipe.info.datasets` accepts, then
+               `recipe.dataset_problems(args, group)` (still before the model loads)
   4. DDP       `recipe.find_unused_parameters(args)`: may a trained parameter get no gradient in a step?
   5. attach    the base model is loaded and frozen; `recipe.attach(ctx) -> Attached` makes what
                trains trainable and says how (param groups, stops, caption and prediction hooks)
-  6. steps     caption -> `Attached.caption` -> text conditioning -> `Attached.predict` (or the
+  6. steps     caption -> `Attached.train_caption` -> `Attached.caption` -> text conditioning -> `Attached.predict` (or the
                U-Net) -> loss -> optimizer step -> due `Attached.stops` -> `Hooks` of the recipe
   7. saves     `recipe.save(folder, name, ctx, progress)` writes the model at `recipe.output_path`;
                training states hold `recipe.trained_state_dict()` beside optimizer and scheduler
@@ -85,6 +86,9 @@ class Attached:
     # Caption text -> the text the text encoder sees; used for training captions and sample prompts
     # alike (Textual Inversion expands its token string here). None: captions are used as they are.
     caption: Callable[[str], str] | None = None
+    # Training captions only, before `caption` (TI's templates replace the caption). It may draw from
+    # torch's global random stream, which the trainer seeds per batch (so resume repeats the draws).
+    train_caption: Callable[[str], str] | None = None
     # (unet, conditioner, noisy_latents, timesteps, captions) -> prediction, when the recipe conditions
     # the U-Net its own way (XTI: one embedding per cross-attention layer). None: conditioner + U-Net.
     predict: Callable[..., torch.Tensor] | None = None
@@ -139,6 +143,9 @@ class Recipe(Protocol):
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
         """Every problem with the recipe's options, each a sentence naming the option and the fix."""
+
+    def dataset_problems(self, args: argparse.Namespace, group: Any) -> list[str]:
+        """Problems only the prepared dataset shows (TI: the token in no caption); [] when none."""
 
     def find_unused_parameters(self, args: argparse.Namespace) -> bool:
         """True when some trained parameters may get no gradient in a step (module dropout, a PartStop)."""

@@ -25,7 +25,8 @@ def parser_for(script: str):
 
     parser = build_parser(INFOS[script])
     recipe = {"train_network": train_network.NetworkRecipe, "train_db": train_db.DreamBoothRecipe,
-              "fine_tune": fine_tune.FineTuneRecipe}.get(script)
+              "fine_tune": fine_tune.FineTuneRecipe,
+              "train_textual_inversion": train_textual_inversion.TextualInversionRecipe}.get(script)
     if recipe is not None:
         recipe.add_arguments(parser)
     return parser

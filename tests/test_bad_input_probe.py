@@ -18,6 +18,7 @@ import pytest
 import fine_tune
 import train_db
 import train_network
+import train_textual_inversion
 from library.training.entry import run_recipe
 from library.training.output_folder import hold_output_folder
 from tests.training_helpers import write_image_folder
@@ -26,6 +27,7 @@ RECIPES = {
     "train_network": train_network.NetworkRecipe,
     "train_db": train_db.DreamBoothRecipe,
     "fine_tune": fine_tune.FineTuneRecipe,
+    "train_textual_inversion": train_textual_inversion.TextualInversionRecipe,
 }
 
 
@@ -55,6 +57,8 @@ class Setup:
             options["in_json"] = str(self.meta)
         if self.script == "train_network":
             options["network_dim"] = "4"
+        if self.script == "train_textual_inversion":
+            options["token_string"] = "sks"  # the class part of the folder name "2_sks square" holds it
         options.update(changes)
         argv = []
         for key, value in options.items():

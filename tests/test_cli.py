@@ -79,13 +79,6 @@ def test_output_config_writes_non_defaults_once(tmp_path):
         write_config_file(parser, args)
 
 
-def test_script_loads_model_then_says_training_is_not_built(tiny_models):
-    result = run_script("train_textual_inversion", "--pretrained_model_name_or_path", str(tiny_models["sd1_file"]))
-    assert result.returncode == 2, result.stderr
-    assert "single_file, SD1" in result.stdout
-    assert "not built yet" in result.stderr
-
-
 def test_xformers_without_cuda_is_one_clear_line():
     result = run_script("train_db", "--xformers")
     assert result.returncode == 1

@@ -35,6 +35,7 @@ class WholeUNet:
 
     def add_arguments(self, parser): pass
     def option_problems(self, args): return []
+    def dataset_problems(self, args, group): return []
     def find_unused_parameters(self, args): return False
 
     def attach(self, ctx):

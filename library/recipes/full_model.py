@@ -64,6 +64,9 @@ class FullModelRecipe:
         self.text_encoder_trains = False
         self._source_extras: tuple[dict[str, torch.Tensor], int, int] | None = None
 
+    def dataset_problems(self, args: argparse.Namespace, group) -> list[str]:
+        return []
+
     def hooks(self, args: argparse.Namespace) -> list[Hooks]:
         return []
 

@@ -25,7 +25,7 @@ from library.training.noise import (
 class DiffusionTrainingModel(torch.nn.Module):
     """What DDP wraps: captions -> conditioning -> U-Net prediction, plus the recipe's trained module
     when it has one (registered so its parameters are found; it acts through hooks inside the U-Net /
-    text encoder). `caption` and `predict` are the recipe's optional hooks (library/recipe.py)."""
+    text encoder). `train_caption`, `caption` and `predict` are the recipe's optional hooks (library/recipe.py)."""
 
     def __init__(
         self,
@@ -34,6 +34,7 @@ class DiffusionTrainingModel(torch.nn.Module):
         trained: torch.nn.Module | None,
         caption: Callable[[str], str] | None = None,
         predict: Callable[..., torch.Tensor] | None = None,
+        train_caption: Callable[[str], str] | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -41,8 +42,11 @@ class DiffusionTrainingModel(torch.nn.Module):
         self.trained = trained
         self.caption = caption
         self.predict = predict
+        self.train_caption = train_caption
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        if self.train_caption is not None:
+            captions = [self.train_caption(c) for c in captions]
         if self.caption is not None:
             captions = [self.caption(c) for c in captions]
         if self.predict is not None:

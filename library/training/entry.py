@@ -136,7 +136,8 @@ def _train(recipe: Recipe, args: argparse.Namespace) -> int:
             args.resume = str(download_state(args.resume, token=args.huggingface_token))
         args.seed = resolve_seed(args)
         group = prepare_datasets(args, recipe.info.datasets)
-        problems = latent_cache_folder_problems(group, bool(args.cache_latents_to_disk))
+        problems = recipe.dataset_problems(args, group)
+        problems += latent_cache_folder_problems(group, bool(args.cache_latents_to_disk))
         if problems:
             raise OptionProblems(problems)
         sampling = make_sampling_hook(args)

@@ -169,7 +169,8 @@ class Trainer:
 
         self.conditioner = self._make_conditioner(parts, attached)
         model = DiffusionTrainingModel(
-            parts.unet, self.conditioner, attached.trained, caption=attached.caption, predict=attached.predict
+            parts.unet, self.conditioner, attached.trained, caption=attached.caption, predict=attached.predict,
+            train_caption=attached.train_caption,
         )
         self.model, self.optimizer = accelerator.prepare(model, built.optimizer)
         self.lr_scheduler = lr_scheduler
