@@ -89,8 +89,9 @@ class Attached:
     # Training captions only, before `caption` (TI's templates replace the caption). It may draw from
     # torch's global random stream, which the trainer seeds per batch (so resume repeats the draws).
     train_caption: Callable[[str], str] | None = None
-    # (unet, conditioner, noisy_latents, timesteps, captions) -> prediction, when the recipe conditions
-    # the U-Net its own way (XTI: one embedding per cross-attention layer). None: conditioner + U-Net.
+    # (unet, encode, noisy_latents, timesteps, captions) -> prediction, when the recipe conditions the
+    # U-Net its own way (XTI: one embedding per cross-attention layer); `encode` turns captions into
+    # conditioning (the training conditioner, or the sampler's prompt encoder). None: encode + U-Net.
     predict: Callable[..., torch.Tensor] | None = None
 
 
@@ -114,6 +115,7 @@ class TrainingContext:
     # optimizer in its evaluation mode (schedule-free), and restores both on exit.
     evaluation: Callable[[], AbstractContextManager] | None = None
     caption: Callable[[str], str] = field(default=lambda text: text)
+    predict: Callable[..., torch.Tensor] | None = None  # `Attached.predict`, for sample images too
 
     @property
     def device(self) -> torch.device:

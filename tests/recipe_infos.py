@@ -1,4 +1,4 @@
-"""The four recipes' descriptions (RecipeInfo), for tests that build a script's parser or dataset support."""
+"""The recipes' descriptions (RecipeInfo), for tests that build a script's parser or dataset support."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import fine_tune
 import train_db
 import train_network
 import train_textual_inversion
+import train_textual_inversion_XTI
 
-INFOS = {info.script: info for info in (train_network.INFO, train_db.INFO, fine_tune.INFO, train_textual_inversion.INFO)}
+INFOS = {
+    info.script: info
+    for info in (train_network.INFO, train_db.INFO, fine_tune.INFO, train_textual_inversion.INFO,
+                 train_textual_inversion_XTI.INFO)
+}
 SCRIPTS = tuple(INFOS)
 
 
@@ -26,7 +31,8 @@ def parser_for(script: str):
     parser = build_parser(INFOS[script])
     recipe = {"train_network": train_network.NetworkRecipe, "train_db": train_db.DreamBoothRecipe,
               "fine_tune": fine_tune.FineTuneRecipe,
-              "train_textual_inversion": train_textual_inversion.TextualInversionRecipe}.get(script)
+              "train_textual_inversion": train_textual_inversion.TextualInversionRecipe,
+              "train_textual_inversion_XTI": train_textual_inversion_XTI.XTIRecipe}.get(script)
     if recipe is not None:
         recipe.add_arguments(parser)
     return parser

@@ -19,6 +19,7 @@ import fine_tune
 import train_db
 import train_network
 import train_textual_inversion
+import train_textual_inversion_XTI
 from library.training.entry import run_recipe
 from library.training.output_folder import hold_output_folder
 from tests.training_helpers import write_image_folder
@@ -28,6 +29,7 @@ RECIPES = {
     "train_db": train_db.DreamBoothRecipe,
     "fine_tune": fine_tune.FineTuneRecipe,
     "train_textual_inversion": train_textual_inversion.TextualInversionRecipe,
+    "train_textual_inversion_XTI": train_textual_inversion_XTI.XTIRecipe,
 }
 
 
@@ -57,7 +59,7 @@ class Setup:
             options["in_json"] = str(self.meta)
         if self.script == "train_network":
             options["network_dim"] = "4"
-        if self.script == "train_textual_inversion":
+        if self.script.startswith("train_textual_inversion"):
             options["token_string"] = "sks"  # the class part of the folder name "2_sks square" holds it
         options.update(changes)
         argv = []

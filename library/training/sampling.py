@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import inspect
 import logging
 import math
 import random
@@ -264,9 +265,13 @@ def generate_image(
     pipeline=None,
     autocast: Callable[[], Any] = nullcontext,
     rewrite: Callable[[str], str] | None = None,
+    predict: Callable[..., torch.Tensor] | None = None,
 ):
     """Generate the image of one prompt with `parts` as they are now; returns a PIL image of the
-    prompt's (floored) size. The caller puts the modules in eval mode and on their device."""
+    prompt's (floored) size. The caller puts the modules in eval mode and on their device.
+
+    `predict` (a recipe's `Attached.predict`) replaces "encode the prompt, run the U-Net" in every
+    denoising step, for recipes that condition the U-Net their own way (XTI)."""
     from library.models.text_encoding import TextEncoding, encode_prompts
 
     text = prompt.prompt
@@ -283,6 +288,13 @@ def generate_image(
         logger.warning("sampler %s needs at least %d steps; using %d instead of %d", sampler, fewest, fewest, steps)
         steps = fewest
     generator = torch.Generator("cpu").manual_seed(seed)
+    if predict is not None:
+        with autocast():
+            encode = lambda captions: encode_prompts(parts.tokenizer, parts.text_encoder, captions, settings)  # noqa: E731
+            latents = denoise_with_predict(
+                parts, pipeline.scheduler, predict, encode, text, negative, prompt, steps, generator
+            )
+            return latents_to_image(parts.vae, latents)
     with autocast():
         embeds = encode_prompts(parts.tokenizer, parts.text_encoder, [text], settings)
         negative_embeds = encode_prompts(parts.tokenizer, parts.text_encoder, [negative], settings)
@@ -297,6 +309,27 @@ def generate_image(
             output_type="latent",
         ).images
         return latents_to_image(parts.vae, latents)
+
+
+def denoise_with_predict(parts, scheduler, predict, encode, text, negative, prompt, steps, generator) -> torch.Tensor:
+    """Classifier-free guided denoising where each step's prediction comes from `predict`."""
+    unet = parts.unet
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    shape = (1, unet.config.in_channels, prompt.image_height // 8, prompt.image_width // 8)
+    latents = torch.randn(shape, generator=generator).to(device, dtype) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, device=device)
+    guided = prompt.scale > 1.0
+    captions = [negative, text] if guided else [text]
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * len(captions))
+        model_input = scheduler.scale_model_input(model_input, t)
+        prediction = predict(unet, encode, model_input, t, captions)
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + prompt.scale * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+    return latents
 
 
 def sample_file_name(output_name: str | None, counter: str, index: int, seed: int, when: float | None = None) -> str:
@@ -421,7 +454,7 @@ class SamplingHook:
                 seed = prompt.seed if prompt.seed is not None else derived_seed(ctx.seed, prompt.index)
                 image = generate_image(
                     parts, prompt, seed=seed, default_sampler=self.default_sampler, text_settings=base_settings,
-                    pipeline=pipeline, autocast=ctx.accelerator.autocast, rewrite=ctx.caption,
+                    pipeline=pipeline, autocast=ctx.accelerator.autocast, rewrite=ctx.caption, predict=ctx.predict,
                 )
                 path = folder / sample_file_name(self.args.output_name, counter, prompt.index, seed)
                 image.save(path)

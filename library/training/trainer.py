@@ -142,6 +142,7 @@ class Trainer:
         self._check_stops_can_run(attached)
         if attached.caption is not None:
             ctx.caption = attached.caption
+        ctx.predict = attached.predict
         self._place_models(parts, attached)
         self.noise_scheduler = self._training_noise_scheduler(parts)
         from library.training.noise import NoiseSettings
