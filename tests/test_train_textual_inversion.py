@@ -198,3 +198,20 @@ def test_sample_images_use_the_trained_tokens(tiny_models, data, tmp_path):
         "--sample_prompts", str(prompts), "--sample_at_first", "--sample_every_n_steps", "2")) == 0  # fmt: skip
     before, after = (np.asarray(Image.open(next((out / "sample").glob(f"{TOKEN}_{step:06d}_*.png")))) for step in (0, 2))
     assert np.abs(before.astype(int) - after.astype(int)).max() > 0  # the trained vectors condition the samples
+
+
+def test_token_must_be_new_and_a_multi_token_init_word_is_warned(tiny_models, caplog):
+    import logging
+
+    from library.recipes.textual_inversion import TokenError, add_tokens, init_word_ids
+
+    parts = load_base_model(str(tiny_models["sd1"]))
+    with pytest.raises(TokenError, match="already has the token"):
+        add_tokens(parts.tokenizer, parts.text_encoder, ["<|endoftext|>"])
+    ids = add_tokens(parts.tokenizer, parts.text_encoder, [TOKEN, f"{TOKEN}1", f"{TOKEN}2"])
+    assert ids == list(range(ids[0], ids[0] + 3)) and parts.text_encoder.get_input_embeddings().num_embeddings > ids[-1]
+    with pytest.raises(TokenError, match="already has the token"):  # a second run's token in the same tokenizer
+        add_tokens(parts.tokenizer, parts.text_encoder, [TOKEN])
+    with caplog.at_level(logging.WARNING):
+        words = init_word_ids(parts.tokenizer, "red square", 3)
+    assert len(words) == 2 and "cyclically" in caplog.text and "--num_vectors_per_token 2" in caplog.text

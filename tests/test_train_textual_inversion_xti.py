@@ -129,3 +129,36 @@ def test_plain_and_xti_files_are_told_apart(tiny_models, data, tmp_path, capsys)
         tiny_models["sd1"], data, tmp_path / "b", "--max_train_steps", "1", "--weights", str(plain)))  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and "not an XTI embedding" in err and "train_textual_inversion.py" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["train_textual_inversion.py", "train_textual_inversion_XTI.py"])
+def test_ctrl_c_saves_a_file_and_a_state_that_resumes(tiny_models, data, tmp_path, script):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.training_helpers import ROOT, assert_ok, run_script
+
+    out, stderr_path = tmp_path / "out", tmp_path / "stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *xti_args(tiny_models["sd1"], data, out, "--max_train_steps", "500")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        deadline = time.time() + 120
+        while "steps:" not in stderr_path.read_text() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr_path.read_text()[-3000:]
+    (state,) = out.glob(f"{TOKEN}-step*-state")
+    assert list(out.glob(f"{TOKEN}-step*.*")) and f"--resume {state}" in stdout
+    step = int(state.name.split("-step")[1][:8])
+    resumed = run_script(script, *xti_args(tiny_models["sd1"], data, out, "--max_train_steps", str(step + 1),
+                                           "--resume", str(state)))
+    assert_ok(resumed)
+    assert "resumed from" in resumed.stdout and any(out.glob(f"{TOKEN}.*"))
