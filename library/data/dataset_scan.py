@@ -32,6 +32,7 @@ from library.errors import UserError
 __all__ = [
     "ImageRecord",
     "MetadataFileError",
+    "resolve_metadata_keys",
     "SubsetFindings",
     "face_crop_warnings",
     "image_extensions_text",
@@ -409,6 +410,15 @@ def _entry_problem(entry) -> str | None:
     ):
         return f"has image_size {json.dumps(size)[:40]}; write it as [width, height] in pixels, or leave it out"
     return None
+
+
+def resolve_metadata_keys(keys: Sequence[str], folder: str | None) -> dict[str, str]:
+    """key -> absolute image path, for the keys of a metadata file that name an image (as training resolves them)."""
+    folder = os.path.abspath(folder) if folder else None
+    names = _folder_names(folder)[1] if folder and os.path.isdir(folder) else set()
+    extensions = image_extensions()
+    found = {key: _resolve_key(key, folder, names, extensions) for key in keys}
+    return {key: path for key, path in found.items() if path is not None}
 
 
 def _resolve_key(key: str, folder: str | None, names: set[str], extensions: Sequence[str]) -> str | None:

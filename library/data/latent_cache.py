@@ -410,11 +410,13 @@ def cache_latents(
     skip_cache_check: bool = False,
     workers: int | None = None,
     show_progress: bool = True,
+    reencode: bool = False,
 ) -> LatentCacheResult:
     """Encode items in batches of `batch_size` (--vae_batch_size), never mixing bucket sizes.
 
     to_disk: valid files are skipped (existence only with `skip_cache_check`), the others are
-    encoded and written. Memory mode (like upstream) always encodes and never touches the disk.
+    encoded and written; `reencode` writes every file again. Memory mode (like upstream) always
+    encodes and never touches the disk.
     """
     result = LatentCacheResult()
     items = _unique_items(items)
@@ -424,7 +426,7 @@ def cache_latents(
             result.npz_paths = {item.image_path: item.npz_path for item in items}
             _refuse_shared_files(result.npz_paths)
             statuses = list(pool.map(lambda item: _disk_status(item, flip_aug, alpha_mask, skip_cache_check), items))
-            todo = [item for item, status in zip(items, statuses) if status != VALID]
+            todo = items if reencode else [item for item, status in zip(items, statuses) if status != VALID]
             result.reused = len(items) - len(todo)
             result.invalid_reasons = dict(Counter(status for status in statuses if status != VALID))
             _log_reasons(result.invalid_reasons)
