@@ -24,7 +24,8 @@ from library.tool_entry import run_tool
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="tag_images_by_wd14_tagger.py", description=__doc__.split("\n\n")[0])
+    description, _, details = __doc__.split("\n\n", 2)
+    parser = ArgumentParser(prog="tag_images_by_wd14_tagger.py", description=description, epilog=details)
     parser.add_argument("train_data_dir", help="folder of the images")
 
     model = parser.add_argument_group("model")
@@ -63,8 +64,9 @@ def build_parser() -> ArgumentParser:
                         help="confidence a tag needs (default 0.35); the fallback of every --*_threshold")
     for category in ("general", "character", "copyright", "artist", "meta", "model"):
         newer = "" if category in ("general", "character") else " (tag_mapping models)"
+        article = "an" if category[0] in "aeiou" else "a"
         choice.add_argument(f"--{category}_threshold", type=float, default=None,
-                            help=f"confidence a {category} tag needs{newer}; default --thresh, above 1 = none")
+                            help=f"confidence {article} {category} tag needs{newer}; default --thresh, above 1 = none")
     choice.add_argument("--undesired_tags", default="",
                         help="tags never written, separated by the caption separator without its spaces ('a,b')")
     choice.add_argument("--use_rating_tags", action="store_true",

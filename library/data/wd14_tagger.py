@@ -23,10 +23,11 @@ import dataclasses
 import json
 import logging
 import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -178,7 +179,7 @@ class Label:
     index: int
     category: str
     raw: str
-    units: tuple[str, ...]  # usually one; two for an expanded `name_(series)`; () when replaced by nothing
+    units: tuple[str, ...]  # the tags written: usually one, two for an expanded `name_(series)`
 
     def text(self, separator: str) -> str:
         return separator.join(self.units)
@@ -257,7 +258,9 @@ def read_selected_tags(path: Path, naming: TagNaming) -> list[Label]:
     except (UnicodeDecodeError, csv.Error) as err:
         raise TaggerError(f"{path}: not a readable CSV ({err}); download it again with --force_download") from None
     if not rows or "name" not in rows[0] or "category" not in rows[0]:
-        raise TaggerError(f"{path}: expected the columns tag_id,name,category,count; download it again with --force_download")
+        raise TaggerError(
+            f"{path}: expected the columns tag_id,name,category,count; download it again with --force_download"
+        )
     labels, unknown = [], set()
     for index, row in enumerate(rows):
         category = CSV_CATEGORIES.get((row["category"] or "").strip())
@@ -325,7 +328,10 @@ class TagSelector:
             if label.category in options.thresholds:
                 self.thresholds[index] = options.thresholds[label.category]
         # rating/quality: the argmax over ALL labels of the category (undesired ones included, then dropped)
-        self.one_of = {c: np.array([l.index for l in labels if l.category == c], dtype=np.int64) for c in ONE_OF}
+        self.one_of = {
+            category: np.array([label.index for label in labels if label.category == category], dtype=np.int64)
+            for category in ONE_OF
+        }
 
     def __call__(self, probs: np.ndarray) -> ImageTags:
         probs = np.asarray(probs, dtype=np.float64)
@@ -333,8 +339,8 @@ class TagSelector:
         if self.options.by_confidence:
             hits = hits[np.argsort(-probs[hits], kind="stable")]
         chosen = [self.labels[int(i)] for i in hits]
-        if self.options.character_first:
-            chosen = [l for l in chosen if l.category == "character"] + [l for l in chosen if l.category != "character"]
+        if self.options.character_first:  # stable: characters keep their order, so do the others
+            chosen = sorted(chosen, key=lambda label: label.category != "character")
         by_category = collections.defaultdict(list)
         for label in chosen:
             by_category[label.category].append(label.text(self.separator))
@@ -474,11 +480,11 @@ class TaggerModel:
             raise TaggerError(f"{self.path}: input shape {shape} is not an image batch; is this a WD14 tagger model?")
         channels, (height, width) = (shape[3], shape[1:3]) if self.default_format else (shape[1], shape[2:4])
         if isinstance(channels, int) and channels != 3:
-            layout = "NHWC (batch, height, width, 3)" if self.default_format else "NCHW (batch, 3, height, width)"
-            raise TaggerError(
-                f"{self.path}: input shape {shape} is not {layout}; this --repo_id form expects "
-                + ("the WD14 format (namespace/name)" if self.default_format else "the tag_mapping format (namespace/name/subdir)")
-            )
+            if self.default_format:
+                layout, form = "NHWC (batch, height, width, 3)", "the WD14 format (namespace/name)"
+            else:
+                layout, form = "NCHW (batch, 3, height, width)", "the tag_mapping format (namespace/name/subdir)"
+            raise TaggerError(f"{self.path}: input shape {shape} is not {layout}; this --repo_id form expects {form}")
         self.image_size = (_fixed(width) or DEFAULT_IMAGE_SIZE, _fixed(height) or DEFAULT_IMAGE_SIZE)  # (w, h)
         self.fixed_batch = _fixed(shape[0])
         self.outputs = _fixed(self.session.get_outputs()[0].shape[-1])
@@ -491,13 +497,14 @@ class TaggerModel:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: a GPU provider falling back prints enough on its own
         providers = onnx_providers(ort.get_available_providers())
+        path = str(self.path)
         try:
-            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            return ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
             if len(providers) > 1:
                 logger.warning("%s failed (%s); running on the CPU", providers[0], str(err).splitlines()[0])
                 try:
-                    return ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
+                    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
                 except Exception as cpu_err:  # noqa: BLE001
                     err = cpu_err
             raise TaggerError(
@@ -578,16 +585,60 @@ def caption_path(image: Path, extension: str) -> Path:
     return image.parent / (image.stem + extension)
 
 
-def tag_images(args) -> int:
-    """The body of finetune/tag_images_by_wd14_tagger.py."""
-    from tqdm import tqdm
+class TagWriter:
+    """Where each image's tags go: its caption file (written atomically), or one entry of --output_path."""
 
+    def __init__(self, extension: str, separator: str, append: bool, output_path: Path | None):
+        self.extension, self.separator, self.append, self.output_path = extension, separator, append, output_path
+        self.entries: dict[str, dict] = {}  # --output_path: absolute image path -> {"tags", "image_size"}
+        self.written = self.replaced = 0
+        self.left_alone: list[Path] = []  # --append_tags files that are not UTF-8 text
+
+    def add(self, image: LoadedImage, tags: list[str]) -> None:
+        target = caption_path(image.path, self.extension)
+        if self.append and target.is_file():  # sd-scripts merges with this file in both output modes
+            try:
+                existing = target.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError:
+                logger.warning("%s: not UTF-8 text, so --append_tags cannot add to it; left as it is", target)
+                self.left_alone.append(target)
+                return
+            tags = merge_with_existing(split_caption(existing, self.separator), tags, self.separator)
+        text = self.separator.join(tags)
+        if self.output_path is not None:
+            self.entries[str(image.path.resolve())] = {"tags": text, "image_size": list(image.size)}
+            return
+        self.replaced += target.exists()
+        with atomic_path(target) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+        self.written += 1
+
+    def close(self, tagged: int) -> str:
+        """Write --output_path (if any); returns the summary line."""
+        if self.output_path is not None:
+            write_output_file(self.output_path, self.entries)
+            return f"tagged {tagged} image(s); wrote {self.output_path}"
+        replaced = f" ({self.replaced} existing one(s) replaced)" if self.replaced and not self.append else ""
+        left = f"; {len(self.left_alone)} non-UTF-8 file(s) left as they were" if self.left_alone else ""
+        return f"tagged {tagged} image(s); wrote {self.written} {self.extension} file(s){replaced}{left}"
+
+
+def _check_args(args) -> None:
     if args.batch_size < 1:
         raise TaggerError(f"--batch_size {args.batch_size}: give 1 or more")
-    workers = args.max_data_loader_n_workers
-    if workers is not None and workers < 0:
-        raise TaggerError(f"--max_data_loader_n_workers {workers}: give 0 or more")
-    extension = _extension(args.caption_extension)
+    if args.max_data_loader_n_workers is not None and args.max_data_loader_n_workers < 0:
+        raise TaggerError(f"--max_data_loader_n_workers {args.max_data_loader_n_workers}: give 0 or more")
+    if not args.caption_separator:
+        raise TaggerError("--caption_separator is empty; give the text between tags, e.g. ', '")
+    if args.output_path and Path(args.output_path).is_dir():
+        raise TaggerError(f"--output_path {args.output_path}: that is a folder; give a .json or .jsonl file name")
+
+
+def tag_images(args) -> int:
+    """The body of finetune/tag_images_by_wd14_tagger.py: every option is checked before the model loads."""
+    from tqdm import tqdm
+
+    _check_args(args)
     separator = args.caption_separator
     options = SelectOptions(
         thresholds=thresholds_from_args(args),
@@ -597,19 +648,18 @@ def tag_images(args) -> int:
         quality=_placement(args, "use_quality_tags", "use_quality_tags_as_last_tag"),
         character_first=args.character_tags_first,
     )
-    naming = TagNaming(separator, args.character_tag_expand, args.remove_underscore, parse_tag_replacement(args.tag_replacement))
+    replacements = parse_tag_replacement(args.tag_replacement)
+    naming = TagNaming(separator, args.character_tag_expand, args.remove_underscore, replacements)
     output_path = Path(args.output_path) if args.output_path else None
-    if output_path is not None and output_path.is_dir():
-        raise TaggerError(f"--output_path {output_path}: that is a folder; give a .json or .jsonl file name")
+    writer = TagWriter(_extension(args.caption_extension), separator, args.append_tags, output_path)
 
     images = find_images(args.train_data_dir, args.recursive)
     if not images:
-        raise TaggerError(
-            f"{args.train_data_dir}: no images found" + ("" if args.recursive else " (add --recursive for sub-folders)")
-        )
+        hint = "" if args.recursive else " (add --recursive for sub-folders)"
+        raise TaggerError(f"{args.train_data_dir}: no images found{hint}")
     logger.info("found %d image(s) in %s", len(images), args.train_data_dir)
     if output_path is None:
-        _warn_shared_caption_files(images, extension)
+        _warn_shared_caption_files(images, writer.extension)
 
     files = ensure_model_files(resolve_model_files(args.repo_id, args.model_dir), args.force_download)
     model = TaggerModel(files, naming)
@@ -620,85 +670,47 @@ def tag_images(args) -> int:
     logger.info("tagger %s on %s, input %dx%d", model.path, ", ".join(model.providers), *model.image_size)
     batch_size = model.batch_size(args.batch_size)
     select = TagSelector(model.labels, options, separator)
-
-    results: dict[str, dict] = {}
     frequency: collections.Counter = collections.Counter()
     skipped: list[ImageReadError] = []
-    not_appended: list[Path] = []  # --append_tags targets that are not text: left as they are
-    replaced = 0
 
-    def finish(batch: list[LoadedImage]) -> None:
-        nonlocal replaced
+    def run_batch(batch: list[LoadedImage]) -> None:
         for image, probs in zip(batch, model.predict([b.pixels for b in batch])):
             chosen = select(probs)
             frequency.update(chosen.tags)
-            tags = chosen.tags
-            target = caption_path(image.path, extension)
-            if args.append_tags and target.is_file():
-                existing = _read_existing(target)
-                if existing is None:
-                    not_appended.append(target)
-                    continue
-                tags = merge_with_existing(split_caption(existing, separator), tags, separator)
-            text = separator.join(tags)
-            if output_path is not None:
-                results[str(image.path.resolve())] = {"tags": text, "image_size": list(image.size)}
-            else:
-                replaced += target.exists()
-                with atomic_path(target) as tmp:
-                    tmp.write_text(text + "\n", encoding="utf-8")
+            writer.add(image, chosen.tags)
             if args.debug:
                 bar.write(_debug_lines(image.path, chosen, separator))
+        bar.update(len(batch))
 
     batch: list[LoadedImage] = []
+    workers = args.max_data_loader_n_workers
+    loaded_images = load_in_order(images, lambda path: load_for_tagging(path, model.image_size), workers)
     with tqdm(total=len(images), unit="image", smoothing=0.0) as bar:
-        for loaded in load_in_order(images, lambda p: load_for_tagging(p, model.image_size), workers):
-            if isinstance(loaded, ImageReadError):
+        for loaded in loaded_images:
+            if isinstance(loaded, ImageReadError):  # named now and in the summary, never a stop
                 skipped.append(loaded)
-                bar.write(f"skipped: {loaded}")
+                bar.write(f"skipped: {loaded}", file=sys.stderr)
                 bar.update(1)
                 continue
             batch.append(loaded)
             if len(batch) == batch_size:
-                finish(batch)
-                bar.update(len(batch))
+                run_batch(batch)
                 batch = []
         if batch:
-            finish(batch)
-            bar.update(len(batch))
+            run_batch(batch)
 
-    tagged = len(images) - len(skipped)
     if skipped:
         names = ", ".join(str(err.path) for err in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         logger.warning("%d unreadable image(s) skipped: %s", len(skipped), names)
-    if not_appended:
-        logger.warning(
-            "%d caption file(s) are not UTF-8 text and were left as they are (not appended to): %s",
-            len(not_appended), ", ".join(str(p) for p in not_appended[:5]),
-        )  # fmt: skip
+    tagged = len(images) - len(skipped)
     if tagged == 0:
         raise TaggerError(f"none of the {len(images)} image(s) could be read; nothing was written")
-    if output_path is not None:
-        write_output_file(output_path, results)
-        print(f"tagged {tagged} image(s); wrote {output_path}")
-    else:
-        note = f" ({replaced} existing one(s) replaced)" if replaced and not args.append_tags else ""
-        written = tagged - len(not_appended)
-        print(f"tagged {tagged} image(s); wrote {written} {extension} file(s){note}")
+    print(writer.close(tagged))
     if args.frequency_tags:
         print("Tag frequencies:")
-        for tag, count in sorted(frequency.items(), key=lambda item: (-item[1], item[0])):
-            print(f"{tag}: {count}")
+        for name, count in sorted(frequency.items(), key=lambda item: (-item[1], item[0])):
+            print(f"{name}: {count}")
     return 0
-
-
-def _read_existing(path: Path) -> str | None:
-    """An existing caption file's text, or None (with a warning) when it is not UTF-8: never overwritten then."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        logger.warning("%s: not UTF-8 text, so --append_tags cannot add to it; left as it is (save it as UTF-8)", path)
-        return None
 
 
 def _warn_shared_caption_files(images: Sequence[Path], extension: str) -> None:
@@ -722,11 +734,11 @@ def write_output_file(path: Path, results: dict[str, dict]) -> None:
     """--output_path: `.jsonl` = one {"image_path", "caption", "image_size"} per line (sd-scripts' keys),
     anything else = one JSON object {image path: {"tags", "image_size"}}; both read by fine_tune.py."""
     if path.suffix.lower() == ".jsonl":
-        lines = [
-            json.dumps({"image_path": key, "caption": entry["tags"], "image_size": entry["image_size"]}, ensure_ascii=False)
+        lines = (
+            {"image_path": key, "caption": entry["tags"], "image_size": entry["image_size"]}
             for key, entry in results.items()
-        ]
-        text = "".join(line + "\n" for line in lines)
+        )
+        text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     else:
         text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
     with atomic_path(path) as tmp:
