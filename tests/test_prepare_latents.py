@@ -1,6 +1,6 @@
 """The guide's data chapter end to end, and latents prepared outside training that training then reuses.
 
-images -> BLIP captions -> (tag files) -> merge captions -> merge tags -> clean -> prepare_buckets_latents.py
+images -> BLIP captions -> WD14 tags -> merge captions -> merge tags -> clean -> prepare_buckets_latents.py
 -> fine_tune.py --in_json trains on those latents without encoding any image again."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from finetune import (
     merge_captions_to_metadata,
     merge_dd_tags_to_metadata,
     prepare_buckets_latents,
+    tag_images_by_wd14_tagger,
 )
 from tests.tiny_captioners import build_tiny_blip
+from tests.tiny_taggers import WD14_REPO, write_wd14_model
 from tests.training_helpers import assert_ok, dreambooth_folders, lora_args, run_script, write_image_folder
 from tools import cache_latents
 
@@ -30,14 +32,15 @@ def images(tmp_path):
     wide = write_image_folder(tmp_path / "wide", count=2, size=(256, 64))
     for i, path in enumerate(sorted(wide.glob("*.png"))):
         path.rename(folder / f"wide{i}.png")
-    for path in folder.glob("*.png"):
-        (folder / f"{path.stem}.txt").write_text("square, white_background", encoding="utf-8")
     return folder
 
 
 def test_the_whole_chapter_ends_in_training_that_encodes_nothing(images, tmp_path, tiny_models):
     blip = build_tiny_blip(tmp_path / "blip")
     assert make_captions.main([str(images), "--caption_weights", str(blip), "--max_length", "10"]) == 0
+    write_wd14_model(tmp_path / "tagger" / WD14_REPO.replace("/", "_"))
+    assert tag_images_by_wd14_tagger.main([str(images), "--model_dir", str(tmp_path / "tagger"), "--repo_id", WD14_REPO,
+                                           "--thresh", "0.3"]) == 0
     cap, dd, clean, lat = (tmp_path / f"{name}.json" for name in ("meta_cap", "meta_cap_dd", "meta_clean", "meta_lat"))
     assert merge_captions_to_metadata.main([str(images), str(cap), "--full_path"]) == 0
     assert merge_dd_tags_to_metadata.main([str(images), str(dd), "--full_path", "--in_json", str(cap)]) == 0
@@ -45,7 +48,8 @@ def test_the_whole_chapter_ends_in_training_that_encodes_nothing(images, tmp_pat
     assert prepare_buckets_latents.main([str(images), str(clean), str(lat), str(tiny_models["sd1"]),
                                          "--max_resolution", "128,128", "--batch_size", "2", *BUCKETS]) == 0
     metadata = json.loads(lat.read_text())
-    assert len(metadata) == 4 and all(entry["tags"] == "square, white background" for entry in metadata.values())
+    assert len(metadata) == 4 and all(entry["caption"] and entry["tags"] for entry in metadata.values())
+    assert all("long hair" in entry["tags"] for entry in metadata.values())  # cleaned: long_hair -> long hair
     resolutions = {tuple(entry["train_resolution"]) for entry in metadata.values()}
     assert resolutions == {(128, 128), (256, 64)}  # the wide images got their own bucket
     assert len(list(images.glob("*_sd.npz"))) == 4
