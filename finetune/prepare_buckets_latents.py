@@ -76,9 +76,10 @@ def prepare(args) -> int:
     import fine_tune
 
     options = training_options(args)
-    vae = vae_for_caching(args.model_name_or_path, args.mixed_precision)
-    group, result = cache_dataset_latents(options, fine_tune.INFO.datasets, vae, args.batch_size,
-                                          reencode=not args.skip_existing)
+    group, result = cache_dataset_latents(
+        options, fine_tune.INFO.datasets, lambda: vae_for_caching(args.model_name_or_path, args.mixed_precision),
+        args.batch_size, reencode=not args.skip_existing,
+    )
     buckets = {str(item.image_path): list(item.bucket) for item in group.cache_items()}
     metadata = read_metadata(args.in_json)
     for key, path in resolve_metadata_keys(list(metadata), args.train_data_dir).items():

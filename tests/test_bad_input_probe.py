@@ -234,3 +234,74 @@ def _run(script: str, argv: list[str]) -> int:
         return run_recipe(RECIPES[script](), argv)
     except SystemExit as exit_:  # argparse's errors exit through the parser
         return int(exit_.code)
+
+
+# ---------------------------------------------------------------- the data tools
+
+
+def _tool_cases(tmp: Path) -> dict[str, tuple[Callable[[list[str]], int], list[str], list[str]]]:
+    from finetune import (
+        clean_captions_and_tags,
+        make_captions,
+        make_captions_by_git,
+        merge_captions_to_metadata,
+        merge_dd_tags_to_metadata,
+        prepare_buckets_latents,
+        tag_images_by_wd14_tagger,
+    )
+    from tools import cache_latents, resize_images_to_resolution, show_metadata
+
+    images = write_image_folder(tmp / "images", count=1)
+    not_json = tmp / "notes.json"
+    not_json.write_text("these are notes, not JSON", encoding="utf-8")
+    text_ckpt = tmp / "model.ckpt"
+    text_ckpt.write_text("not a model", encoding="utf-8")
+    missing = str(tmp / "missing")
+    return {
+        "captions: no such folder": (make_captions.main, [missing], ["missing: no such folder"]),
+        "captions: model offline": (make_captions_by_git.main, [str(images), "--model_id", "nobody/none"],
+                                    ["cannot load the captioning model nobody/none"]),
+        "tagger: model not downloaded": (tag_images_by_wd14_tagger.main,
+                                         [str(images), "--model_dir", str(tmp / "models"), "--repo_id", "nobody/none"],
+                                         ["nobody_none"]),
+        "merge: recursive without full_path": (merge_captions_to_metadata.main, [str(images), str(tmp / "m.json"),
+                                               "--recursive"], ["--recursive needs --full_path"]),
+        "merge: in_json not JSON": (merge_dd_tags_to_metadata.main, [str(images), str(tmp / "m.json"), "--in_json",
+                                    str(not_json)], ["notes.json: not valid JSON"]),
+        "clean: not JSON": (clean_captions_and_tags.main, [str(not_json), str(tmp / "o.json")], ["notes.json"]),
+        "prepare: not a model": (prepare_buckets_latents.main, [str(images), str(not_json), str(tmp / "o.json"),
+                                 str(text_ckpt)], ["notes.json"]),
+        "cache_latents: no model": (cache_latents.main, ["--train_data_dir", str(images.parent)],
+                                    ["--pretrained_model_name_or_path"]),
+        "resize: bad size": (resize_images_to_resolution.main, [str(images), str(tmp / "dst"), "--max_resolution",
+                             "big"], ["'big' is not WxH"]),
+        "show_metadata: no file": (show_metadata.main, ["--model", missing], ["missing"]),
+        "any tool: unknown option": (merge_captions_to_metadata.main, [str(images), "x.json", "--ful_path"],
+                                     ["unrecognized arguments: --ful_path"]),
+    }
+
+
+TOOL_CASES = [
+    "captions: no such folder", "captions: model offline", "tagger: model not downloaded",
+    "merge: recursive without full_path", "merge: in_json not JSON", "clean: not JSON", "prepare: not a model",
+    "cache_latents: no model", "resize: bad size", "show_metadata: no file", "any tool: unknown option",
+]
+
+
+@pytest.mark.parametrize("case", TOOL_CASES)
+def test_data_tools_answer_bad_input_with_one_error_line(case, tmp_path, capsys):
+    main, argv, expected = _tool_cases(tmp_path)[case]
+    before = snapshot(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = int(exit_.code)
+    captured = capsys.readouterr()
+    assert code == 1, f"{case}: exit {code}\n{captured.err[-2000:]}"
+    error_lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, captured.err
+    message = captured.err[captured.err.index("error:"):]
+    for text in expected:
+        assert text in message, f"{case}: {text!r} not in:\n{message}"
+    assert "Traceback" not in captured.err
+    assert snapshot(tmp_path) == before, "a failed tool must not change the files it was given"

@@ -42,9 +42,10 @@ def cache(args) -> int:
     source = args.vae or args.pretrained_model_name_or_path
     if not source:
         raise UserError("--pretrained_model_name_or_path (or --vae) is required: its VAE encodes the images")
-    vae = vae_for_caching(source, args.mixed_precision, no_half_vae=args.no_half_vae)
-    _, result = cache_dataset_latents(args, train_network.INFO.datasets, vae, args.vae_batch_size,
-                                      reencode=args.reencode, seed=args.seed or 0)
+    _, result = cache_dataset_latents(
+        args, train_network.INFO.datasets, lambda: vae_for_caching(source, args.mixed_precision, args.no_half_vae),
+        args.vae_batch_size, reencode=args.reencode, seed=args.seed or 0,
+    )
     print(f"latents: {result.encoded} image(s) encoded, {result.reused} still valid and kept")
     return 0
 

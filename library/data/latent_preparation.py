@@ -9,6 +9,7 @@ with `--cache_latents_to_disk` find them valid and encode nothing again.
 from __future__ import annotations
 
 import argparse
+from typing import Any, Callable
 
 import torch
 
@@ -33,13 +34,16 @@ def vae_for_caching(source: str, mixed_precision: str, no_half_vae: bool = False
 def cache_dataset_latents(
     args: argparse.Namespace,
     support: DatasetSupport,
-    vae,
+    load_vae: Callable[[], Any],
     batch_size: int,
     reencode: bool = False,
     seed: int = 0,
 ):
-    """(dataset group, what was cached): every image of the dataset encoded to its training cache file."""
+    """(dataset group, what was cached): every image of the dataset encoded to its training cache file.
+
+    The dataset is checked before `load_vae()` runs, so a data mistake costs no model load."""
     group = prepare_datasets(args, support)
+    vae = load_vae()
     subsets = [s for d in group.datasets for s in d.blueprint.subsets]
     result: LatentCacheResult = cache_latents(
         group.cache_items(),
