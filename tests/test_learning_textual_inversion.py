@@ -1,8 +1,8 @@
 """Learning test of Textual Inversion on the shipped base, with the example's own files
 (examples/textual_inversion/): train_textual_inversion.py trains the "sks" token's vector on the
 quickstart's hearts; images of the "sks" prompts are then generated with the base model plus the
-trained embedding, and compared with the same prompts where "sks" is the init word (the vector the
-training started from).
+trained embedding, and compared with the same prompts where "sks" is the init word: the vector the
+training started from, so an untrained embedding gives exactly those images and fails the test.
 
 What TI can and cannot do here: it trains one 24-number vector and leaves the U-Net as it is, and
 this U-Net has never drawn a heart. Measured, no vector makes it draw one (0 of 24 hearts after
@@ -131,3 +131,20 @@ def test_prompts_without_the_token_are_exactly_the_base_models(base_images, imag
     print(f"\nother prompts keep their shape: base {kept_share(base_images['other']):.2f}, "
           f"with the embedding {kept_share(images['other']):.2f}")
     assert np.array_equal(images["other"], base_images["other"])
+
+
+def test_the_runs_own_samples_without_the_token_are_the_same_before_and_after(embedding):
+    from PIL import Image
+
+    from tools.quickstart import samples_by_epoch
+
+    samples = samples_by_epoch(embedding.parent / "sample")
+    first, last = min(samples), max(samples)
+    assert first == 0 and last > 0, sorted(samples)
+    lines = [line for line in (EXAMPLE / "prompts.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    token = _options()["token_string"]
+    without = [i for i, line in enumerate(lines) if token not in line.split(" --")[0].split()]
+    assert without and len(samples[first]) == len(samples[last]) == len(lines)
+    for i in without:
+        before, after = (np.asarray(Image.open(samples[epoch][i])) for epoch in (first, last))
+        assert np.array_equal(before, after), lines[i]

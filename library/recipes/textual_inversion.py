@@ -48,7 +48,8 @@ def add_tokens(tokenizer, text_encoder, names: list[str]) -> list[int]:
         raise TokenError(f"--token_string {names[0]}: the tokenizer did not add {names} as new tokens (got ids {ids})")
     table = text_encoder.get_input_embeddings()
     if table.num_embeddings < len(tokenizer):
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        # The new rows are set right after (init word, --weights or left random): no mean-resizing init.
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return ids
 
 
