@@ -425,11 +425,12 @@ def cache_latents(
         if to_disk:
             result.npz_paths = {item.image_path: item.npz_path for item in items}
             _refuse_shared_files(result.npz_paths)
-            statuses = list(pool.map(lambda item: _disk_status(item, flip_aug, alpha_mask, skip_cache_check), items))
-            todo = items if reencode else [item for item, status in zip(items, statuses) if status != VALID]
-            result.reused = len(items) - len(todo)
-            result.invalid_reasons = dict(Counter(status for status in statuses if status != VALID))
-            _log_reasons(result.invalid_reasons)
+            if not reencode:  # with reencode every file is written again: no need to read the old ones
+                statuses = list(pool.map(lambda item: _disk_status(item, flip_aug, alpha_mask, skip_cache_check), items))
+                todo = [item for item, status in zip(items, statuses) if status != VALID]
+                result.reused = len(items) - len(todo)
+                result.invalid_reasons = dict(Counter(status for status in statuses if status != VALID))
+                _log_reasons(result.invalid_reasons)
 
         with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress) as progress:
             for batch in _batches_by_bucket(todo, max(1, int(batch_size))):
