@@ -21,26 +21,19 @@ from pathlib import Path
 
 import torch
 
-from library.data.config_schema import DatasetSupport
 from library.models.saving import SAVE_PRECISIONS
-from library.recipe import Attached, Hooks, RecipeInfo
+from library.recipe import Attached, Hooks
 from library.recipes import textual_inversion as ti
-from library.recipes.ti_templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
 
-INFO = RecipeInfo(
-    script="train_textual_inversion",
-    description="Textual Inversion: learn new token embeddings for Stable Diffusion 1.x/2.x.",
-    datasets=DatasetSupport(
-        "train_textual_inversion", dreambooth=True, fine_tuning=True, masked_loss=True, dropout=False
-    ),
-    save_formats=("ckpt", "pt", "safetensors"),
+INFO = ti.embedding_recipe_info(
+    "train_textual_inversion",
+    "Textual Inversion: learn new token embeddings for Stable Diffusion 1.x/2.x.",
     default_save_format="pt",
     tracker_name="textual_inversion",
-    weighted_captions=False,
 )
 
 
-class TextualInversionRecipe:
+class TextualInversionRecipe(ti.TokenOptions):
     info = INFO
 
     def __init__(self) -> None:
@@ -48,25 +41,6 @@ class TextualInversionRecipe:
         self.ids: list[int] = []
         self.guard: ti.RowGuard | None = None
         self.suffix = INFO.default_save_format
-
-    # ---- options
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        ti.add_textual_inversion_arguments(parser)
-
-    @staticmethod
-    def option_problems(args: argparse.Namespace) -> list[str]:
-        return ti.textual_inversion_option_problems(args)
-
-    @staticmethod
-    def dataset_problems(args: argparse.Namespace, group) -> list[str]:
-        problem = ti.captions_without_token_problem(args, group)
-        return [problem] if problem else []
-
-    @staticmethod
-    def find_unused_parameters(args: argparse.Namespace) -> bool:
-        return False
 
     # ---- training
 
@@ -90,7 +64,6 @@ class TextualInversionRecipe:
         self.suffix = args.save_model_as or INFO.default_save_format
         if not args.output_name:
             args.output_name = args.token_string  # upstream's default file name
-        templates = OBJECT_TEMPLATES if args.use_object_template else STYLE_TEMPLATES if args.use_style_template else None
         if ctx.accelerator.is_main_process:
             source = f"--weights {args.weights}" if args.weights else f"--init_word {args.init_word!r}" if init_ids else "random"
             print(f"textual inversion: tokens {' '.join(names)} (ids {self.ids[0]}-{self.ids[-1]}), start: {source}")
@@ -99,7 +72,7 @@ class TextualInversionRecipe:
             text_encoder_weights_train=True,  # the token table is the text encoder's own weight: kept in fp32
             text_encoder_trains=True,
             caption=ti.expand_token(args.token_string, names),
-            train_caption=ti.template_caption(templates, args.token_string) if templates else None,
+            train_caption=self.train_caption(args),
         )
 
     def _keep_other_rows(self, ctx, progress) -> None:

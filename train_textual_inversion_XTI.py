@@ -20,51 +20,25 @@ from pathlib import Path
 
 import torch
 
-from library.data.config_schema import DatasetSupport
 from library.models.saving import SAVE_PRECISIONS
-from library.recipe import Attached, Hooks, RecipeInfo
+from library.recipe import Attached, Hooks
 from library.recipes import textual_inversion as ti
 from library.recipes import xti
-from library.recipes.ti_templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
 
-INFO = RecipeInfo(
-    script="train_textual_inversion_XTI",
-    description="XTI / P+: Textual Inversion with one embedding per U-Net cross-attention layer (SD 1.x/2.x).",
-    datasets=DatasetSupport(
-        "train_textual_inversion_XTI", dreambooth=True, fine_tuning=True, masked_loss=True, dropout=False
-    ),
-    save_formats=("ckpt", "pt", "safetensors"),
+INFO = ti.embedding_recipe_info(
+    "train_textual_inversion_XTI",
+    "XTI / P+: Textual Inversion with one embedding per U-Net cross-attention layer (SD 1.x/2.x).",
     default_save_format="safetensors",
     tracker_name="textual_inversion_XTI",
-    weighted_captions=False,
 )
 
 
-class XTIRecipe:
+class XTIRecipe(ti.TokenOptions):
     info = INFO
 
     def __init__(self) -> None:
         self.layer_vectors: xti.LayerVectors | None = None
         self.suffix = INFO.default_save_format
-
-    # ---- options (those of Textual Inversion)
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        ti.add_textual_inversion_arguments(parser)
-
-    @staticmethod
-    def option_problems(args: argparse.Namespace) -> list[str]:
-        return ti.textual_inversion_option_problems(args)
-
-    @staticmethod
-    def dataset_problems(args: argparse.Namespace, group) -> list[str]:
-        problem = ti.captions_without_token_problem(args, group)
-        return [problem] if problem else []
-
-    @staticmethod
-    def find_unused_parameters(args: argparse.Namespace) -> bool:
-        return False
 
     # ---- training
 
@@ -86,7 +60,6 @@ class XTIRecipe:
         self.suffix = args.save_model_as or INFO.default_save_format
         if not args.output_name:
             args.output_name = args.token_string
-        templates = OBJECT_TEMPLATES if args.use_object_template else STYLE_TEMPLATES if args.use_style_template else None
         if ctx.accelerator.is_main_process:
             print(f"XTI: tokens {' '.join(names)}, {len(contexts.layers)} of the 16 layers in this U-Net "
                   f"({', '.join(contexts.layers)})")
@@ -95,7 +68,7 @@ class XTIRecipe:
             trained=self.layer_vectors,
             text_encoder_trains=True,
             caption=ti.expand_token(args.token_string, names),
-            train_caption=ti.template_caption(templates, args.token_string) if templates else None,
+            train_caption=self.train_caption(args),
             predict=xti.per_layer_predict(self.layer_vectors, contexts),
         )
 

@@ -25,32 +25,20 @@ from library.tool_entry import run_tool
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="make_captions.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("train_data_dir", help="folder of the images")
+    captioning.add_captioning_arguments(parser, max_length=75)
     parser.add_argument("--caption_weights", default=captioning.BLIP_HUB_ID,
                         help=f"BLIP model: a hub id or a local folder (default {captioning.BLIP_HUB_ID})")
-    parser.add_argument("--caption_extension", "--caption_extention", dest="caption_extension", default=".caption",
-                        help="extension of the caption files (default .caption)")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per batch (larger is faster with memory to spare)")
     parser.add_argument("--beam_search", action="store_true", help="beam search instead of nucleus sampling")
     parser.add_argument("--num_beams", type=int, default=1, help="beams for --beam_search")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: keep the top tokens of this mass")
-    parser.add_argument("--max_length", type=int, default=75, help="longest caption, in tokens")
     parser.add_argument("--min_length", type=int, default=5, help="shortest caption, in tokens")
     parser.add_argument("--seed", type=int, default=42, help="seed of the sampling (the same seed gives the same captions)")
-    parser.add_argument("--max_data_loader_n_workers", type=int, default=None, help="accepted for compatibility")
-    parser.add_argument("--recursive", action="store_true", help="also the images in sub-folders")
-    parser.add_argument("--overwrite", action="store_true", help="caption images that already have a caption file too")
-    parser.add_argument("--debug", action="store_true", help="print each caption")
     return parser
 
 
 def make_captions(args) -> int:
-    extension = args.caption_extension if args.caption_extension.startswith(".") else f".{args.caption_extension}"
-    paths, kept = captioning.images_to_caption(args.train_data_dir, extension, args.recursive, args.overwrite)
-    if kept:
-        print(f"{kept} image(s) already have a {extension} file and are kept (--overwrite to caption them again)")
+    paths, extension = captioning.images_to_caption(args)
     if not paths:
-        print("nothing to caption")
         return 0
     processor, model = captioning.load_captioner("blip", captioning.blip_weights(args.caption_weights))
     torch.manual_seed(args.seed)

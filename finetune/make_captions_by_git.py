@@ -26,29 +26,17 @@ GIT_HUB_ID = "microsoft/git-large-textcaps"
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="make_captions_by_git.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("train_data_dir", help="folder of the images")
-    parser.add_argument("--caption_extension", "--caption_extention", dest="caption_extension", default=".caption",
-                        help="extension of the caption files (default .caption)")
+    captioning.add_captioning_arguments(parser, max_length=50)
     parser.add_argument("--model_id", default=GIT_HUB_ID, help=f"GIT model: a hub id or a local folder (default {GIT_HUB_ID})")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per batch")
-    parser.add_argument("--max_length", type=int, default=50, help="longest caption, in tokens")
     parser.add_argument("--remove_words", action="store_true",
                         help="drop phrases such as 'with the words xxx' / 'that says xxx' (GIT invents them)")
-    parser.add_argument("--max_data_loader_n_workers", type=int, default=None, help="accepted for compatibility")
     parser.add_argument("--pin_memory", action="store_true", help="accepted for compatibility")
-    parser.add_argument("--recursive", action="store_true", help="also the images in sub-folders")
-    parser.add_argument("--overwrite", action="store_true", help="caption images that already have a caption file too")
-    parser.add_argument("--debug", action="store_true", help="print each caption")
     return parser
 
 
 def make_captions(args) -> int:
-    extension = args.caption_extension if args.caption_extension.startswith(".") else f".{args.caption_extension}"
-    paths, kept = captioning.images_to_caption(args.train_data_dir, extension, args.recursive, args.overwrite)
-    if kept:
-        print(f"{kept} image(s) already have a {extension} file and are kept (--overwrite to caption them again)")
+    paths, extension = captioning.images_to_caption(args)
     if not paths:
-        print("nothing to caption")
         return 0
     processor, model = captioning.load_captioner("git", args.model_id)
 

@@ -16,7 +16,11 @@ from library.errors import INTERRUPTED_EXIT, is_user_error, print_user_error
 def run_tool(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None], argv=None) -> int:
     """Parse with `parser` (use library.args.ArgumentParser for one-line option errors), run `body(args)`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = parser.parse_args(argv)
+    return run_reporting_user_errors(body, parser.parse_args(argv))
+
+
+def run_reporting_user_errors(body: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """`body(args)`, with user errors printed as one line (exit 1) and Ctrl-C as a short note (exit 130)."""
     try:
         return body(args) or 0
     except KeyboardInterrupt:

@@ -68,11 +68,31 @@ def blip_weights(value: str | None) -> str:
     return value
 
 
-def images_to_caption(folder: str, extension: str, recursive: bool, overwrite: bool) -> tuple[list[Path], int]:
-    """(images that need a caption file, how many already have one and are kept)."""
-    images = find_images(folder, recursive)
-    todo = [p for p in images if overwrite or not p.with_suffix(extension).exists()]
-    return todo, len(images) - len(todo)
+def add_captioning_arguments(parser, max_length: int) -> None:
+    """The options both captioning scripts have (sd-scripts' names and defaults)."""
+    parser.add_argument("train_data_dir", help="folder of the images")
+    parser.add_argument("--caption_extension", "--caption_extention", dest="caption_extension", default=".caption",
+                        help="extension of the caption files (default .caption)")
+    parser.add_argument("--batch_size", type=int, default=1, help="images per batch (larger is faster with memory to spare)")
+    parser.add_argument("--max_length", type=int, default=max_length, help="longest caption, in tokens")
+    parser.add_argument("--max_data_loader_n_workers", type=int, default=None, help="accepted for compatibility")
+    parser.add_argument("--recursive", action="store_true", help="also the images in sub-folders")
+    parser.add_argument("--overwrite", action="store_true", help="caption images that already have a caption file too")
+    parser.add_argument("--debug", action="store_true", help="print each caption")
+
+
+def images_to_caption(args) -> tuple[list[Path], str]:
+    """(images that need a caption file, the caption extension), from the scripts' shared options; says
+    how many images already have a caption file and are kept."""
+    extension = args.caption_extension if args.caption_extension.startswith(".") else f".{args.caption_extension}"
+    images = find_images(args.train_data_dir, args.recursive)
+    todo = [p for p in images if args.overwrite or not p.with_suffix(extension).exists()]
+    if len(images) > len(todo):
+        print(f"{len(images) - len(todo)} image(s) already have a {extension} file and are kept "
+              "(--overwrite to caption them again)")
+    if not todo:
+        print("nothing to caption")
+    return todo, extension
 
 
 def batches_of_images(paths: list[Path], batch_size: int) -> Iterator[list[tuple[Path, object]]]:

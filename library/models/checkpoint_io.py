@@ -62,6 +62,17 @@ def checkpoint_file_problem(path: str | os.PathLike) -> str | None:
     return f"{path}: not a PyTorch checkpoint ({looks}); an interrupted download or a renamed file? Get the file again"
 
 
+def check_weights_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path once it is known to exist and look like a weights file (else the error that says why)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    problem = checkpoint_file_problem(path)
+    if problem:
+        raise NotACheckpointError(problem)
+    return path
+
+
 def _what_it_looks_like(head: bytes) -> str:
     if head.startswith(ZIP_MAGIC):
         return "it is a zip archive"
@@ -118,12 +129,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], i
 
     The LDM `state_dict` level of .ckpt files is unwrapped; safetensors files carry no counters (0, 0).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    problem = checkpoint_file_problem(path)
-    if problem:
-        raise NotACheckpointError(problem)
+    path = check_weights_file(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 

@@ -17,8 +17,7 @@ import torch
 from library.errors import UserError
 from library.models.checkpoint_io import (
     SAFETENSORS_SUFFIXES,
-    NotACheckpointError,
-    checkpoint_file_problem,
+    check_weights_file,
     read_pickle_checkpoint,
     write_state_dict,
 )
@@ -36,12 +35,7 @@ class EmbeddingFileError(UserError, ValueError):
 
 def read_embedding(path: str | os.PathLike) -> torch.Tensor:
     """The vectors of an embedding file as a float32 `[n_vectors, width]` tensor."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"embedding file not found: {path}")
-    problem = checkpoint_file_problem(path)
-    if problem:
-        raise NotACheckpointError(problem)
+    path = check_weights_file(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 

@@ -8,12 +8,16 @@ Captions name the concept by the token string, expanded here to the N tokens.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 
 import torch
 
+from library.data.config_schema import DatasetSupport
 from library.errors import UserError
+from library.recipe import RecipeInfo
+from library.recipes.ti_templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -195,3 +199,46 @@ def template_caption(templates, token_string: str):
         return templates[int(torch.randint(len(templates), (1,)))].format(token_string)
 
     return pick
+
+
+# ---------------------------------------------------------------- what the TI and XTI recipes share
+
+
+def embedding_recipe_info(script: str, description: str, default_save_format: str, tracker_name: str) -> RecipeInfo:
+    """The description of an embedding recipe: DreamBooth or metadata datasets, no caption dropout or weights."""
+    return RecipeInfo(
+        script=script,
+        description=description,
+        datasets=DatasetSupport(script, dreambooth=True, fine_tuning=True, masked_loss=True, dropout=False),
+        save_formats=("ckpt", "pt", "safetensors"),
+        default_save_format=default_save_format,
+        tracker_name=tracker_name,
+        weighted_captions=False,
+    )
+
+
+class TokenOptions:
+    """The option half of the Recipe protocol that Textual Inversion and XTI share."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_textual_inversion_arguments(parser)
+
+    @staticmethod
+    def option_problems(args: argparse.Namespace) -> list[str]:
+        return textual_inversion_option_problems(args)
+
+    @staticmethod
+    def dataset_problems(args: argparse.Namespace, group) -> list[str]:
+        problem = captions_without_token_problem(args, group)
+        return [problem] if problem else []
+
+    @staticmethod
+    def find_unused_parameters(args: argparse.Namespace) -> bool:
+        return False
+
+    @staticmethod
+    def train_caption(args: argparse.Namespace):
+        """`Attached.train_caption`: the chosen templates, or None (the dataset's captions)."""
+        templates = OBJECT_TEMPLATES if args.use_object_template else STYLE_TEMPLATES if args.use_style_template else None
+        return template_caption(templates, args.token_string) if templates else None

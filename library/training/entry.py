@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import Callable
 
 from library.args import build_parser, parse_args, write_config_file
-from library.errors import INTERRUPTED_EXIT, UserError, is_user_error, print_user_error
+from library.errors import UserError
 from library.recipe import Recipe, RecipeInfo
+from library.tool_entry import run_reporting_user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +82,7 @@ def run_script(
     if args.output_config:
         print(f"wrote {write_config_file(parser, args)}")
         return 0
-    try:
-        return body(args)
-    except KeyboardInterrupt:
-        print("interrupted; files being written were left untouched", file=sys.stderr)
-        return INTERRUPTED_EXIT
-    except Exception as err:  # noqa: BLE001 - user errors are one line, bugs keep their traceback
-        if not is_user_error(err):
-            raise
-        return print_user_error(err)
+    return run_reporting_user_errors(body, args)
 
 
 def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ Works for any network module: it compares the file's tensor names and shapes wit
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from library.errors import UserError
 
@@ -19,15 +18,12 @@ class NetworkWeightsMismatch(UserError, ValueError):
 
 def file_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a .safetensors file's tensors from its header, or of a .pt/.ckpt by reading it."""
-    path = Path(path)
+    from library.models.checkpoint_io import check_weights_file
+
+    path = check_weights_file(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
-        from library.models.checkpoint_io import NotACheckpointError, checkpoint_file_problem
-
-        problem = checkpoint_file_problem(path)
-        if problem:
-            raise NotACheckpointError(problem)
         with safe_open(str(path), framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     from library.models.checkpoint_io import read_state_dict
