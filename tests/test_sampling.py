@@ -202,7 +202,7 @@ class FakeAccelerator:
         return nullcontext()
 
 
-def fake_ctx(parts, output_dir, trackers=(), caption=None, trained=None):
+def fake_ctx(parts, output_dir, trackers=(), caption=None, trained=None, predict=None):
     """The training context a hook receives, as the trainer fills it (modes: the trainer's evaluation)."""
     accelerator = FakeAccelerator(trackers)
     return SimpleNamespace(
@@ -212,6 +212,7 @@ def fake_ctx(parts, output_dir, trackers=(), caption=None, trained=None):
         output_dir=output_dir,
         seed=7,
         caption=caption or (lambda text: text),
+        predict=predict,
         evaluation=lambda: eval_mode([parts.unet, parts.text_encoder, parts.vae, trained]),
     )
 
@@ -464,3 +465,26 @@ def test_epoch_cadence_overrides_steps(tiny_models, tmp_path):
              "--sample_prompts", str(prompts), "--sample_sampler", "k_euler")
     assert_ok(run_script("train_network.py", *lora_args(tiny_models["sd1"], data, out, *extra)))
     assert sorted(samples(out)) == [("e000000", "00"), ("e000001", "00"), ("e000002", "00")]
+
+
+def test_a_recipes_own_prediction_draws_the_same_image_as_the_unet_it_wraps(tiny_models):
+    """`Attached.predict` in samples: a predict that just encodes and runs the U-Net gives the pipeline's image."""
+    import numpy as np
+
+    from library.models.loading import load_base_model
+    from library.training.sample_prompts import SamplePrompt
+    from library.training.sampling import generate_image
+
+    parts = load_base_model(str(tiny_models["sd1"]))
+    prompt = SamplePrompt(index=0, prompt="a red square", negative_prompt="blurry", width=64, height=64,
+                          sample_steps=4, scale=5.0, seed=None, sample_sampler="ddim")
+    calls = []
+
+    def plain(unet, encode, latents, timesteps, captions):
+        calls.append(list(captions))
+        return unet(latents, timesteps, encode(captions)).sample
+
+    via_pipeline = np.asarray(generate_image(parts, prompt, seed=3))
+    via_predict = np.asarray(generate_image(parts, prompt, seed=3, predict=plain))
+    assert calls and calls[0] == ["blurry", "a red square"]  # guided: negative and prompt in one batch
+    assert np.abs(via_pipeline.astype(int) - via_predict.astype(int)).max() <= 2
