@@ -105,8 +105,15 @@ def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:
         ("description", "description"),
         ("license", "license"),
         ("tags", "comma-separated tags"),
+        ("usage_hint", "usage hint (how to prompt it)"),
+        ("thumbnail", "thumbnail: an image file, stored as a data: URI"),
+        ("merged_from", "models this one was merged from"),
+        ("trigger_phrase", "trigger phrase"),
+        ("preprocessor", "preprocessor"),
     ):
         group.add_argument(f"--metadata_{field}", type=str, default=None, help=f"modelspec {text}")
+    group.add_argument("--metadata_is_negative_embedding", action="store_true",
+                       help="modelspec: the embedding is meant for negative prompts")
 
 
 def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:

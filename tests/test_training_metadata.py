@@ -159,6 +159,24 @@ def test_modelspec_from_options():
     assert md.network_modelspec(make_args(min_timestep=100), timestamp=0)["modelspec.timestep_range"] == "100,1000"
 
 
+def test_the_other_modelspec_options_and_a_thumbnail_as_a_data_uri(tmp_path):
+    import base64
+
+    thumbnail = tmp_path / "thumb.png"
+    thumbnail.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    args = make_args(["--metadata_usage_hint", "use at 0.8", "--metadata_trigger_phrase", "sks heart",
+                      "--metadata_merged_from", "a, b", "--metadata_preprocessor", "none",
+                      "--metadata_thumbnail", str(thumbnail), "--metadata_is_negative_embedding"])
+    spec = md.network_modelspec(args, timestamp=0)
+    assert spec["modelspec.usage_hint"] == "use at 0.8" and spec["modelspec.trigger_phrase"] == "sks heart"
+    assert spec["modelspec.merged_from"] == "a, b" and spec["modelspec.preprocessor"] == "none"
+    assert spec["modelspec.is_negative_embedding"] == "true"
+    assert spec["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(thumbnail.read_bytes()).decode()
+    assert "modelspec.is_negative_embedding" not in md.network_modelspec(make_args(), timestamp=0)
+    assert md.modelspec_option_problems(make_args(["--metadata_thumbnail", str(tmp_path / "nope.png")])) == [
+        f"--metadata_thumbnail {tmp_path / 'nope.png'}: file not found (give a .png/.jpg/.webp image)"]
+
+
 @pytest.mark.parametrize("value, expected", [(None, None), ([], None), ([1e-4], 1e-4), (2e-4, 2e-4)])
 def test_text_encoder_lr_value(value, expected):
     assert md.text_encoder_lr_value(value) == expected

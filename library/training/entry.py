@@ -25,6 +25,7 @@ def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     from library.models.loading import model_source_problem
     from library.training.hub import hub_option_problems
     from library.training.lr_schedulers import lr_scheduler_option_problems
+    from library.training.metadata import modelspec_option_problems
     from library.training.noise import NoiseSettings, noise_option_problems
     from library.training.optimizers import optimizer_option_problems
     from library.training.sampling import sampling_option_problems
@@ -38,6 +39,7 @@ def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     problems += tracking_problems(args)
     problems += sampling_option_problems(args)
     problems += hub_option_problems(args)
+    problems += modelspec_option_problems(args)
     problems += recipe.option_problems(args)
     if not args.pretrained_model_name_or_path and not args.debug_dataset:
         problems.append("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file, diffusers folder or hub id)")

@@ -282,7 +282,32 @@ def modelspec_from_args(args: argparse.Namespace, *, kind: str, timestamp: float
     )
     if get("min_timestep") is not None or get("max_timestep") is not None:
         spec["modelspec.timestep_range"] = f"{get('min_timestep') or 0},{get('max_timestep') or 1000}"
-    for field in ("author", "description", "license", "tags"):
+    for field in ("author", "description", "license", "tags", "usage_hint", "merged_from", "trigger_phrase",
+                  "preprocessor"):
         if get(f"metadata_{field}") is not None:
             spec[f"modelspec.{field}"] = str(get(f"metadata_{field}"))
+    if get("metadata_thumbnail"):
+        spec["modelspec.thumbnail"] = thumbnail_data_uri(get("metadata_thumbnail"))
+    if get("metadata_is_negative_embedding"):
+        spec["modelspec.is_negative_embedding"] = "true"
     return spec
+
+
+def thumbnail_data_uri(path: str) -> str:
+    """`data:<mime>;base64,...` of an image file (the modelspec form of a thumbnail)."""
+    import base64
+    import mimetypes
+
+    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+
+
+def modelspec_option_problems(args: argparse.Namespace) -> list[str]:
+    """--metadata_thumbnail must be an image file (it is read at every save)."""
+    from pathlib import Path
+
+    thumbnail = getattr(args, "metadata_thumbnail", None)
+    if thumbnail and not Path(thumbnail).is_file():
+        return [f"--metadata_thumbnail {thumbnail}: file not found (give a .png/.jpg/.webp image)"]
+    return []
