@@ -89,6 +89,7 @@ class NetworkRecipe:
     # ---- training
 
     def attach(self, ctx):
+        from library.training import network_protocol as protocol
         from library.training.metadata import parse_network_kwargs
 
         args, parts = ctx.args, ctx.parts
@@ -96,19 +97,9 @@ class NetworkRecipe:
             args.network_module = DEFAULT_NETWORK_MODULE  # recorded as such in the metadata
             print(f"--network_module not given: using {DEFAULT_NETWORK_MODULE}")
         module = importlib.import_module(args.network_module)
-        _merge_base_weights(args, module, parts)
-        kwargs = parse_network_kwargs(args.network_args)
-        if args.dim_from_weights:
-            network = module.create_network_from_weights(
-                1.0, args.network_weights, parts.vae, parts.text_encoder, parts.unet, **kwargs
-            )
-            if isinstance(network, tuple):  # upstream returns (network, weights)
-                network = network[0]
-        else:
-            network = module.create_network(
-                1.0, args.network_dim, args.network_alpha, parts.vae, parts.text_encoder, parts.unet,
-                neuron_dropout=args.network_dropout, **kwargs,
-            )
+        protocol.merge_base_weights(module, args, parts)
+        network = protocol.create_network(module, args, parts, parse_network_kwargs(args.network_args))
+        protocol.prepare_network(network, args)
         train_unet = not args.network_train_text_encoder_only
         train_text_encoder = not args.network_train_unet_only
         network.apply_to(parts.text_encoder, parts.unet, train_text_encoder, train_unet)
@@ -117,24 +108,21 @@ class NetworkRecipe:
             info = network.load_weights(args.network_weights)
             if ctx.accelerator.is_main_process:
                 print(f"continuing from --network_weights {args.network_weights}: {info}")
+        protocol.enable_gradient_checkpointing(network, args)
         if ctx.accelerator.is_main_process:
             print(
                 f"network: {len(network.unet_loras)} U-Net module(s), {len(network.text_encoder_loras)} "
                 "text-encoder module(s)"
             )
-        groups = network.prepare_optimizer_params(
-            _text_encoder_lr(args), args.unet_lr, args.learning_rate
-        )
+        groups = protocol.optimizer_groups(network, _text_encoder_lrs(args), args.unet_lr, args.learning_rate)
         self.network = network
         self.suffix = args.save_model_as or "safetensors"
         return Attached(
             param_groups=groups,
             trained=network,
             text_encoder_trains=train_text_encoder and bool(network.text_encoder_loras),
+            hooks=(protocol.network_hooks(network, args),),
         )
-
-    def _apply_max_norm(self, ctx, progress) -> None:
-        self.network.apply_max_norm_regularization(ctx.args.scale_weight_norms, ctx.device)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         return self.network.state_dict()
@@ -148,11 +136,7 @@ class NetworkRecipe:
         return Path(folder) / f"{name}.{self.suffix}"
 
     def save(self, folder: Path, name: str, ctx, progress) -> Path:
-        from library.training.metadata import (
-            finalize_metadata,
-            minimal_metadata,
-            network_modelspec,
-        )
+        from library.training.metadata import finalize_metadata, minimal_metadata, network_modelspec
 
         args = ctx.args
         path = self.output_path(folder, name)
@@ -162,8 +146,9 @@ class NetworkRecipe:
         if args.no_metadata:
             metadata = minimal_metadata(metadata)
         metadata.update(network_modelspec(args, timestamp=ctx.started_at))
-        dtype = SAVE_DTYPES.get(args.save_precision)
-        self.network.save_weights(str(path), dtype, metadata)
+        from library.training.network_protocol import save_network
+
+        save_network(self.network, path, SAVE_DTYPES.get(args.save_precision), metadata)
         return path
 
     def _training_metadata(self, ctx) -> dict[str, str]:
@@ -191,19 +176,7 @@ class NetworkRecipe:
         return self._metadata
 
     def hooks(self, args: argparse.Namespace) -> list[Hooks]:
-        return [Hooks(after_optimizer_step=self._apply_max_norm)] if args.scale_weight_norms else []
-
-
-def _merge_base_weights(args: argparse.Namespace, module, parts) -> None:
-    """--base_weights: bake other networks into the frozen base before this one is created."""
-    multipliers = list(args.base_weights_multiplier or [])
-    for i, path in enumerate(args.base_weights or []):
-        multiplier = multipliers[i] if i < len(multipliers) else 1.0
-        network, weights = module.create_network_from_weights(
-            multiplier, path, parts.vae, parts.text_encoder, parts.unet, for_inference=True
-        )
-        network.merge_to(parts.text_encoder, parts.unet, weights)
-        print(f"merged --base_weights {path} (multiplier {multiplier}) into the base model")
+        return []  # the network's own calls come with attach() (Attached.hooks)
 
 
 def _check_network_weights_fit(args: argparse.Namespace, network) -> None:
@@ -216,11 +189,12 @@ def _check_network_weights_fit(args: argparse.Namespace, network) -> None:
         raise NetworkWeightsMismatch(problem)
 
 
-def _text_encoder_lr(args: argparse.Namespace):
+def _text_encoder_lrs(args: argparse.Namespace) -> list[float] | None:
+    """--text_encoder_lr as a list (a config file may give one number)."""
     value = args.text_encoder_lr
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    return value
+    if value is None or isinstance(value, (list, tuple)):
+        return list(value) if value else None
+    return [value]
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser(info: "RecipeInfo") -> argparse.ArgumentParser:
     """The parser of one recipe: the shared option groups, shaped by the recipe's description."""
     parser = ArgumentParser(prog=f"{info.script}.py", description=info.description)
+    from library.console_logging import add_console_log_arguments
     from library.data.dataset_args import add_dataset_arguments
 
     add_model_arguments(parser)
@@ -137,6 +138,7 @@ def build_parser(info: "RecipeInfo") -> argparse.ArgumentParser:
     add_attention_arguments(parser)
     add_model_saving_arguments(parser, info)
     add_training_groups(parser, info.tracker_name)
+    add_console_log_arguments(parser)
     add_config_file_arguments(parser)
     return parser
 
@@ -148,11 +150,7 @@ def add_training_groups(parser: argparse.ArgumentParser, tracker_name: str) -> N
     from library.training.noise import add_noise_arguments
     from library.training.optimizers import add_optimizer_arguments
     from library.training.sampling import add_sampling_arguments
-    from library.training.training_args import (
-        add_logging_arguments,
-        add_output_arguments,
-        add_training_arguments,
-    )
+    from library.training.training_args import add_logging_arguments, add_output_arguments, add_training_arguments
 
     add_training_arguments(parser)
     add_noise_arguments(parser)

@@ -33,6 +33,24 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         _remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_file_named_as(target: str | os.PathLike) -> Iterator[Path]:
+    """Like `atomic_path`, for writers that pick the format by the file name (a third-party network's
+    `save_weights` writes safetensors only to a `.safetensors` name): the temporary path has `target`'s
+    own name, inside a hidden staging folder beside it that `restore_interrupted_replacements` tidies."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        inner = staging / target.name
+        yield inner
+        give_umask_mode(inner)
+        os.replace(inner, target)
+    finally:
+        _remove(staging)
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (no window with umask 0)."""
     try:

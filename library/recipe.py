@@ -16,7 +16,8 @@ A run, and where the recipe comes in:
   5. attach    the base model is loaded and frozen; `recipe.attach(ctx) -> Attached` makes what
                trains trainable and says how (param groups, stops, caption and prediction hooks)
   6. steps     caption -> `Attached.train_caption` -> `Attached.caption` -> text conditioning -> `Attached.predict` (or the
-               U-Net) -> loss -> optimizer step -> due `Attached.stops` -> `Hooks` of the recipe
+               U-Net) -> loss -> optimizer step -> due `Attached.stops`; the recipe's `Hooks` are called at
+               each epoch's start, before each batch, around the optimizer step and after each step/epoch
   7. saves     `recipe.save(folder, name, ctx, progress)` writes the model at `recipe.output_path`;
                training states hold `recipe.trained_state_dict()` beside optimizer and scheduler
   8. resume    `recipe.load_trained_state_dict(...)`, then the stops already due are applied again
@@ -93,6 +94,9 @@ class Attached:
     # U-Net its own way (XTI: one embedding per cross-attention layer); `encode` turns captions into
     # conditioning (the training conditioner, or the sampler's prompt encoder). None: encode + U-Net.
     predict: Callable[..., torch.Tensor] | None = None
+    # Hooks that exist only once attached (a network module's own per-epoch/step calls); called after
+    # `recipe.hooks(args)` and before the trainer's own (sample images).
+    hooks: tuple[Hooks, ...] = ()
 
 
 @dataclass
@@ -130,6 +134,9 @@ class Hooks:
     """Optional calls into a recipe (or a helper such as sample images), each with `(ctx, progress)`."""
 
     at_start: HookFunction | None = None  # after resume, before the first step of this run
+    at_epoch_start: HookFunction | None = None  # before the first batch of each epoch this run trains
+    before_batch: HookFunction | None = None  # before each (micro-)batch's forward pass
+    before_optimizer_step: HookFunction | None = None  # gradients are final (accumulated, clipped)
     after_optimizer_step: HookFunction | None = None  # weights just changed (TI restores untouched rows)
     after_step: HookFunction | None = None  # the step is counted and step saves are done
     after_epoch: HookFunction | None = None  # the epoch is counted and epoch saves are done

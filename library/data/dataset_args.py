@@ -46,6 +46,10 @@ def _add_sources(group, regularization: bool, metadata: bool) -> None:
         _option(group, "dataset_repeats", int, 1, "times the --in_json images are repeated per epoch (default 1)")
     _option(group, "resolution", str, None, "training size: '512' or 'width,height' such as '512,768'")
     _option(group, "train_batch_size", int, 1, "images per batch on each device (default 1)")
+    _option(
+        group, "dataset_class", str, None,
+        "sd-scripts' custom dataset class (pkg.module.Class): refused here, describe the data with --dataset_config",
+    )
 
 
 def _add_captions(group, dropout: bool) -> None:

@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from library.args import build_parser, parse_args, write_config_file
+from library.console_logging import configure_console_logging
 from library.errors import UserError
 from library.recipe import Recipe, RecipeInfo
 from library.tool_entry import run_reporting_user_errors
@@ -84,7 +85,12 @@ def run_script(
     if args.output_config:
         print(f"wrote {write_config_file(parser, args)}")
         return 0
-    return run_reporting_user_errors(body, args)
+
+    def configured_body(args: argparse.Namespace) -> int:
+        configure_console_logging(args)  # inside: an unwritable --console_log_file is a one-line error
+        return body(args)
+
+    return run_reporting_user_errors(configured_body, args)
 
 
 def run_recipe(recipe: Recipe, argv: list[str] | None = None) -> int:
@@ -107,6 +113,12 @@ def _train(recipe: Recipe, args: argparse.Namespace) -> int:
         from library.models.attention import check_xformers_usable
 
         check_xformers_usable()
+    if getattr(args, "dataset_class", None):
+        raise UserError(
+            f"--dataset_class {args.dataset_class}: sd-scripts' custom dataset classes build batches in its internal "
+            "format, which this trainer does not share; describe the images and captions with --dataset_config "
+            "instead (docs/datasets.md)"
+        )
     if not wants_datasets(args):
         raise UserError("no training data: give --dataset_config, or --train_data_dir (see docs/datasets.md)")
     if args.debug_dataset:

@@ -108,7 +108,8 @@ class Trainer:
         self.args = args
         self.group = group
         self.seed = seed
-        self.hooks = [*recipe.hooks(args), *(hooks or [])]
+        self.extra_hooks = list(hooks or [])
+        self.hooks = [*recipe.hooks(args), *self.extra_hooks]  # the attached ones join after attach()
         self.output_dir = Path(args.output_dir)
         self.last_saved: Path | None = None
         self.hub = None  # HubUploader on the main process with --huggingface_repo_id
@@ -139,6 +140,7 @@ class Trainer:
         set_seed(self.seed)
         attached = self.recipe.attach(ctx)
         self.attached = attached
+        self.hooks = [*self.recipe.hooks(args), *attached.hooks, *self.extra_hooks]
         self._check_stops_can_run(attached)
         if attached.caption is not None:
             ctx.caption = attached.caption
@@ -181,6 +183,7 @@ class Trainer:
         progress = Progress()
         if args.resume:
             progress = self._resume(args.resume, schedule)
+        progress = self._start_at_initial_step(progress, schedule)
         self._apply_due_stops(progress)
         self._start_trackers()
         if accelerator.is_main_process:
@@ -355,6 +358,28 @@ class Trainer:
                   f"batch {progress.batch_in_epoch} of the epoch")
         return progress
 
+    def _start_at_initial_step(self, progress: Progress, schedule: Schedule) -> Progress:
+        """--initial_step / --initial_epoch: count from there; with --skip_until_initial_step, the data too."""
+        args = self.args
+        if args.initial_step is None and args.initial_epoch is None:
+            return progress
+        if args.initial_step is not None:
+            step = args.initial_step
+        else:
+            step = (args.initial_epoch - 1) * schedule.steps_per_epoch
+        if step >= schedule.max_train_steps:
+            raise UserError(
+                f"--initial_step {step}: the run has {schedule.max_train_steps} steps (--max_train_steps / "
+                "--max_train_epochs); start below that or train longer"
+            )
+        epoch, step_in_epoch = divmod(step, schedule.steps_per_epoch)
+        batch = step_in_epoch * args.gradient_accumulation_steps if args.skip_until_initial_step else 0
+        if self.accelerator.is_main_process:
+            skipped = "skipping the batches before it" if batch else "from the start of that epoch's data"
+            replaced = f" (instead of the state's step {progress.global_step})" if args.resume else ""
+            print(f"counting from step {step}{replaced}, epoch {epoch + 1}, {skipped}")
+        return Progress(step, epoch, batch)
+
     def _check_state_fits(self, folder: str, info: dict) -> None:
         """Compare what the state was trained with against this run before any of its tensors is read."""
         saved_optimizer = info.get("optimizer_class")
@@ -426,13 +451,18 @@ class Trainer:
         step_loss = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         self._set_optimizer_mode(train=True)
+        epoch_started = None
         for batch in loader:
             epoch = batch["epoch"]
+            if epoch != epoch_started:
+                epoch_started = epoch
+                self._call_hooks("at_epoch_start", replace(progress, epoch=epoch))
             group_size, last_micro = micro_batch_group(
                 batch["local_index"], schedule.batches_per_epoch, args.gradient_accumulation_steps
             )
             sync = nullcontext() if last_micro else accelerator.no_sync(self.model)
             with sync:
+                self._call_hooks("before_batch", progress)
                 loss = self._batch_loss(batch, epoch)
                 if not self.everything_stopped:
                     accelerator.backward(loss / group_size)
@@ -441,7 +471,7 @@ class Trainer:
                 continue
             step_loss = self._mean_over_processes(step_loss)
             self._check_finite_loss(step_loss, progress, epoch)
-            self._optimizer_step()
+            self._optimizer_step(progress)
             progress = Progress(progress.global_step + 1, epoch, batch["local_index"] + 1)
             self._apply_due_stops(progress)
             self._call_hooks("after_optimizer_step", progress)
@@ -467,12 +497,21 @@ class Trainer:
 
     def _batch_loss(self, batch: dict, epoch: int) -> torch.Tensor:
         seed = batch_seed(self.seed, epoch, batch["batch_index"])
-        return self.step.loss(self.model, batch, seed, self.accelerator.autocast)
+        with self._activation_offload():
+            return self.step.loss(self.model, batch, seed, self.accelerator.autocast)
 
-    def _optimizer_step(self) -> None:
+    def _activation_offload(self):
+        """--cpu_offload_checkpointing: what the backward pass keeps (the checkpointed blocks' inputs) waits in
+        CPU memory, copied back to the accelerator when needed (on a CPU-only run it stays where it is)."""
+        if not self.args.cpu_offload_checkpointing:
+            return nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.accelerator.device.type == "cuda")
+
+    def _optimizer_step(self, progress: Progress) -> None:
         args, accelerator = self.args, self.accelerator
         if args.max_grad_norm and args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(self.trainable, args.max_grad_norm)
+        self._call_hooks("before_optimizer_step", progress)
         self.optimizer.step()
         if not getattr(self.optimizer, "step_was_skipped", False):
             self.lr_scheduler.step()

@@ -33,6 +33,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache_text_encoder_outputs", action="store_true",
         help="when the text encoder does not train: encode each distinct caption once and reuse it",
     )
+    group.add_argument(
+        "--cpu_offload_checkpointing", action="store_true",
+        help="with --gradient_checkpointing: keep the saved activations in CPU memory until the backward pass",
+    )
+    group.add_argument(
+        "--highvram", action="store_true",
+        help="accepted for sd-scripts compatibility: latent caching here never empties the GPU cache between batches",
+    )
     group.add_argument("--ddp_timeout", type=int, default=None, help="distributed timeout in minutes")
     group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     group.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
@@ -56,6 +64,19 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--save_state_on_train_end", action="store_true", help="write a training state at the end only")
     group.add_argument("--resume", type=str, default=None, help="training state folder to continue from")
+    group.add_argument(
+        "--initial_epoch", type=int, default=None,
+        help="count epochs from this one (1 = the first); the LR schedule still starts at 0 unless --resume",
+    )
+    group.add_argument(
+        "--initial_step", type=int, default=None,
+        help="count steps from this one (0 = the first; overrides --initial_epoch and a --resume state's step)",
+    )
+    group.add_argument(
+        "--skip_until_initial_step", action="store_true",
+        help="with --initial_step/--initial_epoch: also skip the batches of the steps before it (same data as a run "
+        "that got there)",
+    )
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser, tracker_name: str) -> None:
@@ -103,6 +124,14 @@ def training_option_problems(args: argparse.Namespace) -> list[str]:
         )
     if not args.output_dir:
         problems.append("--output_dir is required (the folder to write models and states to)")
+    if args.initial_epoch is not None and args.initial_epoch < 1:
+        problems.append("--initial_epoch must be at least 1 (1 is the first epoch)")
+    if args.initial_step is not None and args.initial_step < 0:
+        problems.append("--initial_step must be at least 0 (0 is the first step)")
+    if args.skip_until_initial_step and args.initial_step is None and args.initial_epoch is None:
+        problems.append("--skip_until_initial_step needs --initial_step or --initial_epoch (where to skip to)")
+    if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
+        problems.append("--cpu_offload_checkpointing needs --gradient_checkpointing (it offloads what checkpointing keeps)")
     return problems
 
 
