@@ -23,7 +23,6 @@ from library.args import ArgumentParser
 from library.data.dataset_scan import resolve_metadata_keys
 from library.data.latent_preparation import cache_dataset_latents, vae_for_caching
 from library.data.metadata_tools import read_metadata, write_metadata
-from library.errors import UserError
 from library.tool_entry import run_tool
 
 
@@ -64,11 +63,7 @@ def training_options(args):
             str(args.max_bucket_reso), "--bucket_reso_steps", str(args.bucket_reso_steps)]
     argv += ["--bucket_no_upscale"] if args.bucket_no_upscale else []
     argv += ["--flip_aug"] if args.flip_aug else []
-    if args.alpha_mask not in (None, "", "false", "False", "0"):
-        raise UserError(
-            "--alpha_mask: not available in this script yet; give the dataset as a --dataset_config with "
-            "alpha_mask = true to tools/cache_latents.py instead"
-        )
+    argv += ["--alpha_mask"] if args.alpha_mask not in (None, "", "false", "False", "0") else []
     return parser.parse_args(argv)
 
 

@@ -151,6 +151,7 @@ def add_training_groups(parser: argparse.ArgumentParser, tracker_name: str) -> N
     from library.training.optimizers import add_optimizer_arguments
     from library.training.sampling import add_sampling_arguments
     from library.training.training_args import add_logging_arguments, add_output_arguments, add_training_arguments
+    from library.training.validation import add_validation_arguments
 
     add_training_arguments(parser)
     add_noise_arguments(parser)
@@ -159,6 +160,7 @@ def add_training_groups(parser: argparse.ArgumentParser, tracker_name: str) -> N
     add_output_arguments(parser)
     add_logging_arguments(parser, tracker_name)
     add_sampling_arguments(parser)
+    add_validation_arguments(parser)
     add_hub_arguments(parser)
 
 

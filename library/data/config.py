@@ -111,8 +111,8 @@ SUBSET_ONLY_FIELDS = frozenset({"image_dir", "is_reg", "metadata_file", "conditi
 # Fields that mean nothing outside some kinds keep their default there (so a CLI value cannot leak in).
 FIELD_KINDS = MappingProxyType(
     {
-        "is_reg": ("dreambooth",),
-        "class_tokens": ("dreambooth",),
+        "is_reg": ("dreambooth", "mask"),
+        "class_tokens": ("dreambooth", "mask"),
         "metadata_file": ("fine_tuning",),
         "alpha_mask": ("dreambooth", "fine_tuning"),
         "conditioning_data_dir": ("mask",),
@@ -211,10 +211,12 @@ def blueprints_from_args(
 ) -> tuple[DatasetBlueprint, ...]:
     """The datasets of a run: from `--dataset_config`, or else from --train_data_dir / --reg_data_dir / --in_json."""
     if getattr(args, "dataset_config", None):
-        ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
+        folders = ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
+        ignored = [f"--{name}" for name in folders if getattr(args, name, None)]
         if ignored:
             logger.warning(
-                "%s ignored because --dataset_config is given; set image_dir / metadata_file in the config instead",
+                "%s ignored because --dataset_config is given; set image_dir / metadata_file / conditioning_data_dir "
+                "in the config instead",
                 ", ".join(ignored),
             )
         raw = load_dataset_config_file(args.dataset_config)
@@ -428,10 +430,21 @@ def legacy_dataset(args: argparse.Namespace, support: DatasetSupport) -> tuple[d
             "with --train_data_dir, or --dataset_config FILE"
         ]
     subsets, labels, problems = repeat_folder_subsets(train_dir, False, "--train_data_dir")
+    masks = getattr(args, "conditioning_data_dir", None)
+    if masks and support.masks:
+        for subset in subsets:
+            subset["conditioning_data_dir"] = mask_folder_for(masks, subset["image_dir"])
     if reg_dir:
         reg_subsets, reg_labels, reg_problems = repeat_folder_subsets(reg_dir, True, "--reg_data_dir")
         subsets, labels, problems = subsets + reg_subsets, labels + reg_labels, problems + reg_problems
     return {"datasets": [{"subsets": subsets}]}, [(LEGACY_DATASET, labels)], problems
+
+
+def mask_folder_for(conditioning_data_dir: str | Path, image_dir: str | Path) -> str:
+    """--conditioning_data_dir of the folder form: its sub-folder named like the image folder when there is
+    one ('<masks>/10_sks dog' for '<train>/10_sks dog'), else the folder itself."""
+    own = Path(conditioning_data_dir) / Path(image_dir).name
+    return str(own if own.is_dir() else Path(conditioning_data_dir))
 
 
 def folder_pattern(is_reg: bool) -> tuple[str, str]:

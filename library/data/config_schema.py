@@ -205,7 +205,8 @@ KIND_ASCENDABLE_KEYS = MappingProxyType(
     {
         "dreambooth": MappingProxyType({"caption_extension": string, "class_tokens": string, "cache_info": boolean}),
         "fine_tuning": MappingProxyType({}),
-        "mask": MappingProxyType({"caption_extension": string, "cache_info": boolean}),
+        # upstream's ControlNet-style mask datasets take these two; class_tokens is ours (folder-form captions)
+        "mask": MappingProxyType({"caption_extension": string, "class_tokens": string, "cache_info": boolean}),
     }
 )
 # §2.4: subset-only keys per kind, and which of them are required.
@@ -213,7 +214,8 @@ SUBSET_ONLY_KEYS = MappingProxyType(
     {
         "dreambooth": MappingProxyType({"image_dir": string, "is_reg": boolean, "alpha_mask": boolean}),
         "fine_tuning": MappingProxyType({"metadata_file": string, "image_dir": string, "alpha_mask": boolean}),
-        "mask": MappingProxyType({"image_dir": string, "conditioning_data_dir": string}),
+        # is_reg is ours: regularization subsets of a mask dataset may go without masks (full weight)
+        "mask": MappingProxyType({"image_dir": string, "conditioning_data_dir": string, "is_reg": boolean}),
     }
 )
 REQUIRED_SUBSET_KEYS = MappingProxyType(
@@ -278,9 +280,10 @@ def supported_kinds(support: DatasetSupport) -> tuple[str, ...]:
 
 
 def dataset_kind(subsets: list, support: DatasetSupport) -> str | None:
-    """§3: mask if every subset has conditioning_data_dir (masks on), else fine-tuning / DreamBooth; None = mixed."""
+    """§3: mask if every subset has conditioning_data_dir (masks on; regularization subsets may go without),
+    else fine-tuning / DreamBooth; None = mixed."""
     tables = [s if isinstance(s, dict) else {} for s in subsets]
-    if support.masks and tables and all("conditioning_data_dir" in s for s in tables):
+    if support.masks and is_mask_dataset(tables):
         return "mask"
     if not support.dreambooth:
         return "fine_tuning"
@@ -292,6 +295,13 @@ def dataset_kind(subsets: list, support: DatasetSupport) -> str | None:
     if not any(with_metadata):
         return "dreambooth"
     return None
+
+
+def is_mask_dataset(tables: list[dict]) -> bool:
+    """Every subset has conditioning_data_dir, except regularization subsets, which may go without."""
+    if not any("conditioning_data_dir" in s for s in tables) or any("metadata_file" in s for s in tables):
+        return False
+    return all("conditioning_data_dir" in s or s.get("is_reg") is True for s in tables)
 
 
 # ---------------------------------------------------------------- validation
@@ -373,6 +383,8 @@ def table_problems(values: dict, level: str, kind: str | None, support: DatasetS
     """Run the voluptuous schema of one table and rewrite each error as `where.key: message`."""
     validators = allowed_keys(level, kind, support)
     required = REQUIRED_SUBSET_KEYS[kind] if level == SUBSET and kind else ()
+    if kind == "mask" and values.get("is_reg") is True:  # regularization images may have no masks
+        required = tuple(k for k in required if k != "conditioning_data_dir")
     # Markers compare equal to their key name, so each key gets exactly one: Required or Optional.
     markers = {k: (vol.Required(k) if k in required else vol.Optional(k)) for k in validators}
     schema = vol.Schema({markers[k]: v for k, v in validators.items()}, extra=vol.PREVENT_EXTRA)
@@ -437,7 +449,11 @@ def _explain_kind_key(key: str, level: str, kind: str | None, support: DatasetSu
             return f"'{key}': {script} has no masked loss; remove it"
         if not support.masks:
             return f"'{key}' is used only with --masked_loss; add --masked_loss or remove it"
-        return f"'{key}': a dataset is a mask dataset only when every one of its subsets has conditioning_data_dir"
+        return (
+            f"'{key}': a dataset is a mask dataset only when every one of its subsets has conditioning_data_dir "
+            "(regularization subsets may go without); add conditioning_data_dir to the other subsets of this "
+            "[[datasets]] too, or move this subset into a [[datasets]] of its own"
+        )
     if key == "metadata_file" and not support.fine_tuning:
         return (
             f"'{key}': {script} does not train on fine-tuning (metadata) datasets; use image_dir with caption "

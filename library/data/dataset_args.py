@@ -20,6 +20,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, support: DatasetSuppo
     _add_sources(group, regularization=support.dreambooth, metadata=support.fine_tuning)
     _add_captions(group, dropout=support.dropout)
     _add_augmentation(group)
+    _add_masks(group, masked_loss=support.masked_loss)
+    _add_validation_split(group)
     _add_buckets(group)
     _add_caching_and_loading(group)
 
@@ -85,6 +87,40 @@ def _add_augmentation(group) -> None:
     _flag(group, "flip_aug", "random horizontal flips")
     _option(group, "face_crop_aug_range", str, None, "face-centred crop scale range such as '2.0,4.0'")
     _flag(group, "random_crop", "crop at random instead of the centre (not with latent caching)")
+
+
+def _add_masks(group, masked_loss: bool) -> None:
+    """Loss masks (docs/datasets.md, "Masked loss"): the images' transparency, or mask images."""
+    _flag(
+        group, "alpha_mask",
+        "use each image's alpha channel as its loss mask (transparent pixels do not train); the default of "
+        "every subset's alpha_mask",
+    )
+    if masked_loss:
+        _flag(
+            group, "masked_loss",
+            "weight the loss by mask images: each subset's conditioning_data_dir holds one mask per image, same "
+            "name, its first channel 0..255 = weight 0..1",
+        )
+        _option(
+            group, "conditioning_data_dir", str, None,
+            "with --train_data_dir and --masked_loss: the folder of mask images (a sub-folder named like an image "
+            "folder, e.g. '10_sks dog', is used for that folder's images)",
+        )
+
+
+def _add_validation_split(group) -> None:
+    """Which images are held out for the validation loss (library/training/validation.py runs it)."""
+    _option(
+        group, "validation_split", float, 0.0,
+        "fraction of each dataset's training images held out for the validation loss, never trained on "
+        "(default 0: no validation; regularization images are never held out)",
+    )
+    _option(
+        group, "validation_seed", int, None,
+        "seed that picks the held-out images and the validation noise (default: --seed); the same seed holds out "
+        "the same images in every run",
+    )
 
 
 def _add_buckets(group) -> None:

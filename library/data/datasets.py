@@ -11,8 +11,11 @@ one object per image, which keeps 100k-image datasets cheap to build and to send
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,8 +46,8 @@ from library.data.dataset_scan import (
 )
 from library.data.images import (
     center_crop_left_top,
-    color_augment,
     check_images_readable,
+    color_augment,
     face_crop_window,
     face_from_name,
     flip_horizontal,
@@ -61,17 +64,18 @@ from library.data.latent_cache import (
     read_alpha_mask,
     read_cache,
 )
+from library.data.masks import MaskFilesError, find_mask_files, mask_for_image
 from library.data.sample_plan import (
-    batches_per_process,
-    shard_batches,
     BatchPlan,
     balance_regularization,
+    batches_per_process,
     bucket_info_from_arrays,
     count_batches,
     epoch_generator,
     plan_dataset_batches,
     sample_generator,
     sample_random,
+    shard_batches,
 )
 
 __all__ = [
@@ -112,6 +116,7 @@ class PreparedDataset:
     num_train_images: int  # T, with repeats
     num_reg_images: int  # R, with repeats, before balancing
     reg_report: str
+    mask_paths: list[str | None] | None = None  # (N,) --masked_loss mask image per image; None: no mask images
 
     @property
     def bucket_table(self) -> str:
@@ -162,12 +167,18 @@ def prepare_dataset(
     records_per_subset: Sequence[list[ImageRecord]],
     prior_loss_weight: float,
     max_train_steps: int | None = None,
+    masks_per_subset: Sequence[dict[str, str]] | None = None,
 ) -> PreparedDataset:
-    """Arrays, repeats, reg balance and buckets of one dataset from its scanned records."""
+    """Arrays, repeats, reg balance and buckets of one dataset from its scanned records.
+
+    `masks_per_subset`: image path -> mask image path per subset (subsets with conditioning_data_dir)."""
     paths, captions, widths, heights, subset_ids, repeats, is_reg = [], [], [], [], [], [], []
+    mask_paths: list[str | None] = []
     for index, (subset, records) in enumerate(zip(blueprint.subsets, records_per_subset)):
         if not records:
             continue
+        masks = masks_per_subset[index] if masks_per_subset else {}
+        mask_paths += [masks.get(record.path) for record in records]
         columns = list(zip(*records))
         paths += columns[0]
         captions += columns[1]
@@ -214,6 +225,7 @@ def prepare_dataset(
         num_train_images=num_train,
         num_reg_images=num_reg,
         reg_report=reg_report,
+        mask_paths=mask_paths if any(s.conditioning_data_dir for s in blueprint.subsets) else None,
     )
 
 
@@ -254,18 +266,94 @@ def build_dataset_group(
         bad = dict(report.unreadable)  # path -> reason
         for bp, per_dataset in zip(blueprints, scanned):
             report.warnings += face_crop_warnings(bp, per_dataset)
+        kept = [[_drop_paths(records, bad) for records in per_dataset] for per_dataset in scanned]
+        masks = _mask_files(blueprints, kept, check_readable, workers)
+        splits = [split_validation(bp, per_dataset, seed) for bp, per_dataset in zip(blueprints, kept)]
         datasets = [
-            prepare_dataset(
-                bp, [_drop_paths(records, bad) for records in per_dataset], prior_loss_weight, max_train_steps
-            )
-            for bp, per_dataset in zip(blueprints, scanned)
+            prepare_dataset(bp, train, prior_loss_weight, max_train_steps, per_dataset_masks)
+            for bp, (train, _), per_dataset_masks in zip(blueprints, splits, masks)
         ]
         group = DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings
+        group.validation = _validation_group(blueprints, splits, masks, seed, max_train_steps)
         unused = _unused_subset_messages(datasets, scanned, report.findings, bad)
         if group.num_batches_per_epoch == 0:
             raise NoTrainingDataError(unused or ["no subset gives an image to train on"], report.warnings)
         group.warnings += unused + regularization_warnings(datasets) + resize_warnings(datasets)
         return group
+
+
+def split_validation(
+    blueprint: DatasetBlueprint, records_per_subset: Sequence[list[ImageRecord]], seed: int
+) -> tuple[list[list[ImageRecord]], list[list[ImageRecord]]]:
+    """(training, held-out) records per subset: `validation_split` of each subset's images is held out.
+
+    As upstream: each subset's images (in name order) are shuffled with Python's `random` seeded by
+    `validation_seed` (else the run seed); the first ceil(n * (1 - split)) train, the rest validate.
+    Regularization subsets are never split. The same seed gives the same split in every run and process."""
+    split = blueprint.validation_split or 0.0
+    if split <= 0:
+        return [list(records) for records in records_per_subset], [[] for _ in records_per_subset]
+    split_seed = blueprint.validation_seed if blueprint.validation_seed is not None else seed
+    train, held_out = [], []
+    for subset, records in zip(blueprint.subsets, records_per_subset):
+        if subset.is_reg or not records:
+            train.append(list(records))
+            held_out.append([])
+            continue
+        order = list(range(len(records)))
+        random.Random(split_seed).shuffle(order)
+        keep = math.ceil(len(records) * (1 - split))
+        chosen = set(order[:keep])
+        train.append([r for i, r in enumerate(records) if i in chosen])
+        held_out.append([r for i, r in enumerate(records) if i not in chosen])
+    return train, held_out
+
+
+def _validation_group(
+    blueprints: Sequence[DatasetBlueprint],
+    splits: Sequence[tuple[list, list]],
+    masks: Sequence[list[dict[str, str]]],
+    seed: int,
+    max_train_steps: int | None,
+) -> "DatasetGroup | None":
+    """The held-out images as their own group (each image once: num_repeats 1), or None without any."""
+    datasets = []
+    for bp, (_, held_out), per_dataset_masks in zip(blueprints, splits, masks):
+        if not any(held_out):
+            continue
+        once = dataclasses.replace(bp, subsets=tuple(dataclasses.replace(s, num_repeats=1) for s in bp.subsets))
+        datasets.append(prepare_dataset(once, held_out, 1.0, max_train_steps, per_dataset_masks))
+    if not datasets:
+        return None
+    seeds = [bp.validation_seed for bp in blueprints if bp.validation_seed is not None]
+    return DatasetGroup(datasets, seeds[0] if seeds else seed)
+
+
+def _mask_files(
+    blueprints: Sequence[DatasetBlueprint],
+    records: Sequence[Sequence[list[ImageRecord]]],
+    check_readable: bool,
+    workers: int | None,
+) -> list[list[dict[str, str]]]:
+    """Mask image of every image of the subsets with conditioning_data_dir; ``MaskFilesError`` listing every
+    image without a usable mask."""
+    problems: list[str] = []
+    found = [
+        [find_mask_files(subset, subset_records, problems) for subset, subset_records in zip(bp.subsets, per_dataset)]
+        for bp, per_dataset in zip(blueprints, records)
+    ]
+    if check_readable and not problems:
+        paths = sorted({path for per_dataset in found for masks in per_dataset for path in masks.values()})
+        bad = check_images_readable(paths, workers)
+        if bad:
+            problems.append(
+                f"{len(bad)} mask image(s) cannot be decoded: "
+                + "; ".join(f"{path} ({reason})" for path, reason in bad)
+                + "; re-save or replace them"
+            )
+    if problems:
+        raise MaskFilesError(problems)
+    return found
 
 
 def _unused_subset_messages(
@@ -303,6 +391,7 @@ class DatasetGroup:
         self.seed = seed
         self.warnings = list(warnings)
         self._latents: LatentCacheResult | None = None
+        self.validation: DatasetGroup | None = None  # the held-out images (validation_split), if any
 
     # ---- counts and tables
 
@@ -329,7 +418,14 @@ class DatasetGroup:
             if d.reg_report:
                 parts.append(d.reg_report)
             parts.append(d.bucket_table)
+        if self.validation is not None:
+            parts.append(f"validation: {self.validation.num_images} image(s) held out (validation_split), not trained on")
         return "\n".join(parts)
+
+    @property
+    def num_images(self) -> int:
+        """Distinct images (without repeats) of every dataset."""
+        return sum(int(np.count_nonzero(d.repeats > 0)) for d in self.datasets)
 
     # ---- plans
 
@@ -363,6 +459,8 @@ class DatasetGroup:
                         interpolation=self._interpolation(d, int(d.subset_ids[i])),
                     )
                 )
+        if self.validation is not None:  # held-out images are cached too, for the validation loss
+            items += self.validation.cache_items()
         return items
 
     def set_latents(self, result: LatentCacheResult) -> None:
@@ -381,6 +479,8 @@ class DatasetGroup:
         if missing:
             raise ValueError(f"{len(missing)} image(s) have no cached latents, e.g. {missing[0]}")
         self._latents = result
+        if self.validation is not None:
+            self.validation.set_latents(result)
 
     # ---- loading
 
@@ -392,7 +492,7 @@ class DatasetGroup:
         """Pixels (or latents), processed captions and loss weights of one planned batch."""
         d = self.datasets[plan.dataset]
         captions, flips, pixels, masks = [], [], [], []
-        with_masks = any(s.alpha_mask for s in d.blueprint.subsets)
+        with_masks = d.mask_paths is not None or any(s.alpha_mask for s in d.blueprint.subsets)
         for index, image in enumerate(int(i) for i in plan.images):
             subset_id = int(d.subset_ids[image])
             subset = d.blueprint.subsets[subset_id]
@@ -447,13 +547,16 @@ class DatasetGroup:
         if subset.color_aug:
             rgb = color_augment(rgb, generator)
         mask = None
-        if subset.alpha_mask:
+        mask_path = d.mask_paths[image] if d.mask_paths is not None else None
+        if mask_path is not None:
+            mask = mask_for_image(mask_path, resized, bucket, crop, flip, interpolation)
+        elif subset.alpha_mask:
             if alpha is None:
                 mask = torch.ones(bucket[1], bucket[0])
             else:
                 alpha = resize_and_crop(alpha, resized, bucket, crop, interpolation)
                 mask = torch.from_numpy((flip_horizontal(alpha) if flip else alpha).astype(np.float32) / 255.0)
-        elif any(s.alpha_mask for s in d.blueprint.subsets):
+        elif d.mask_paths is not None or any(s.alpha_mask for s in d.blueprint.subsets):
             mask = torch.ones(bucket[1], bucket[0])
         if flip:
             rgb = flip_horizontal(rgb)
@@ -466,6 +569,15 @@ class DatasetGroup:
         latents, masks = [], []
         for image, flip in zip((int(i) for i in images), flips):
             path = Path(d.paths[image])
+            mask_path = d.mask_paths[image] if d.mask_paths is not None else None
+            if mask_path is not None:  # mask images are read per batch, resized and cropped as the cache item was
+                latents.append(self._cached_latents(path, flip))
+                bucket = (int(d.buckets[image, 0]), int(d.buckets[image, 1]))
+                resized = (int(d.resized_sizes[image, 0]), int(d.resized_sizes[image, 1]))
+                crop = center_crop_left_top(resized, bucket)
+                interpolation = self._interpolation(d, int(d.subset_ids[image]))
+                masks.append(mask_for_image(mask_path, resized, bucket, crop, flip, interpolation))
+                continue
             if path in result.latents:
                 source = result.latents_flipped if flip else result.latents
                 latents.append(source[path])
@@ -478,6 +590,12 @@ class DatasetGroup:
                 mask = torch.ones(int(bucket[1]), int(bucket[0]))
             masks.append(torch.flip(mask, dims=[-1]) if flip else mask)
         return torch.stack(latents), masks
+
+    def _cached_latents(self, path: Path, flip: bool) -> torch.Tensor:
+        result = self._latents
+        if path in result.latents:
+            return (result.latents_flipped if flip else result.latents)[path]
+        return read_cache(result.npz_paths[path], flipped=flip)
 
     # ---- metadata (formats.md §2.2)
 

@@ -209,6 +209,13 @@ def load_image_with_alpha(path: str | os.PathLike, max_side: int | None = None) 
     return flatten_alpha(pixels[..., :3], alpha), alpha
 
 
+def load_mask_channel(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
+    """HxW uint8: the first channel of an image used as a loss mask (grey for a grey image; transparency
+    is not composited, so an RGBA mask gives its raw red channel, as upstream reads mask images)."""
+    pixels = np.asarray(_decode(Path(path), max_side))
+    return np.ascontiguousarray(pixels[..., 0])
+
+
 def load_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
     """HxWx3 uint8 RGB, upright, transparency flattened onto white.
 

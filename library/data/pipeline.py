@@ -39,11 +39,15 @@ def prepare_datasets(args: argparse.Namespace, support: DatasetSupport):
     """Validate the dataset options and scan the data; raises one error listing every problem (a
     ``UserError``: bad options or paths, unreadable images or metadata, or nothing to train on)."""
     from library.data.datasets import NoTrainingDataError, build_dataset_group
+    from library.data.masks import mask_option_problems, masked_loss_problems
 
     blueprints = blueprints_from_args(args, support)
     problems = latent_caching_problems(blueprints, args)
     if problems:
         raise DatasetConfigError(problems, source="--cache_latents")
+    problems = mask_option_problems(args) + masked_loss_problems(blueprints, bool(getattr(args, "masked_loss", False)))
+    if problems:
+        raise DatasetConfigError(problems, source="the masked loss options")
     try:
         group = build_dataset_group(
             blueprints,

@@ -92,15 +92,24 @@ class DiffusionStep:
         self.vae_dtype = vae_dtype
 
     def loss(
-        self, model: torch.nn.Module, batch: dict, seed: int, autocast: Callable[[], AbstractContextManager]
+        self,
+        model: torch.nn.Module,
+        batch: dict,
+        seed: int,
+        autocast: Callable[[], AbstractContextManager],
+        timestep: int | None = None,
     ) -> torch.Tensor:
+        """The batch's loss; `timestep` fixes every sample's timestep (validation) instead of drawing them."""
         torch.manual_seed(seed)  # dropout and anything else drawing from the global stream
         generator = torch.Generator().manual_seed(seed)
         latents = self.latents(batch, generator)
         noise = sample_noise(latents, self.settings, generator)
-        timesteps = sample_timesteps(
-            latents.shape[0], self.noise_scheduler.config.num_train_timesteps, self.settings, generator, self.device
-        )
+        if timestep is None:
+            timesteps = sample_timesteps(
+                latents.shape[0], self.noise_scheduler.config.num_train_timesteps, self.settings, generator, self.device
+            )
+        else:
+            timesteps = torch.full((latents.shape[0],), int(timestep), dtype=torch.long, device=self.device)
         noisy = noisy_latents(self.noise_scheduler, latents, noise, timesteps, self.settings, generator)
         with autocast():
             prediction = model(noisy.to(self.weight_dtype), timesteps, batch["captions"])

@@ -32,6 +32,7 @@ def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     from library.training.sampling import sampling_option_problems
     from library.training.tracking import tracking_problems
     from library.training.training_args import training_option_problems
+    from library.training.validation import validation_option_problems
 
     problems = training_option_problems(args)
     problems += noise_option_problems(NoiseSettings.from_args(args))
@@ -41,6 +42,7 @@ def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     problems += sampling_option_problems(args)
     problems += hub_option_problems(args)
     problems += modelspec_option_problems(args)
+    problems += validation_option_problems(args)
     problems += recipe.option_problems(args)
     if not args.pretrained_model_name_or_path and not args.debug_dataset:
         problems.append("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file, diffusers folder or hub id)")
@@ -108,6 +110,7 @@ def _train(recipe: Recipe, args: argparse.Namespace) -> int:
     )
     from library.training.sampling import make_sampling_hook
     from library.training.trainer import Trainer, resolve_seed
+    from library.training.validation import make_validation_hooks
 
     if args.xformers:
         from library.models.attention import check_xformers_usable
@@ -148,4 +151,5 @@ def _train(recipe: Recipe, args: argparse.Namespace) -> int:
             raise OptionProblems(problems)
         sampling = make_sampling_hook(args)
         extra_hooks = [sampling.hooks()] if sampling is not None else []
+        extra_hooks += make_validation_hooks(args, group)
         return Trainer(recipe, args, group, args.seed, extra_hooks).run()
