@@ -83,8 +83,15 @@ class NetworkRecipe:
 
     @staticmethod
     def find_unused_parameters(args: argparse.Namespace) -> bool:
-        # module_dropout skips whole modules in some steps: DDP must not wait for their gradients.
-        return any(str(a).startswith("module_dropout=") for a in (args.network_args or []))
+        # module_dropout skips whole modules in some steps, DyLoRA all rank units but the drawn one: DDP must not
+        # wait for their gradients. A network module says so with SKIPS_PARAMETERS_IN_A_STEP = True.
+        if any(str(a).startswith("module_dropout=") for a in (args.network_args or [])):
+            return True
+        try:
+            module = importlib.import_module(args.network_module or DEFAULT_NETWORK_MODULE)
+        except ImportError:
+            return False  # reported by option_problems
+        return bool(getattr(module, "SKIPS_PARAMETERS_IN_A_STEP", False))
 
     # ---- training
 

@@ -34,36 +34,18 @@ _BLOCK_LIST_ARGS = (
 )  # fmt: skip
 
 
-class LoRAModule(torch.nn.Module):
-    """The low-rank pair (lora_down, lora_up) + alpha of one layer; adds up(down(x))·multiplier·alpha/r to it."""
+class LayerHook(torch.nn.Module):
+    """Base of every network module here: it reroutes one base layer's `forward` through its own.
 
-    def __init__(
-        self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1.0,
-        dropout=None, rank_dropout=None, module_dropout=None,
-    ):  # fmt: skip
+    The base layer is held in a tuple so it is not registered as a submodule (its weights stay out of
+    the network's state dict); networks.dylora and networks.oft build on this too.
+    """
+
+    def __init__(self, lora_name: str, org_module: torch.nn.Module, multiplier: float = 1.0):
         super().__init__()
         self.lora_name = lora_name
-        self.lora_dim = int(lora_dim)
-        if isinstance(org_module, torch.nn.Conv2d):
-            org = org_module
-            self.lora_down = torch.nn.Conv2d(
-                org.in_channels, self.lora_dim, org.kernel_size, org.stride, org.padding, bias=False
-            )
-            self.lora_up = torch.nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
-        else:
-            self.lora_down = torch.nn.Linear(org_module.in_features, self.lora_dim, bias=False)
-            self.lora_up = torch.nn.Linear(self.lora_dim, org_module.out_features, bias=False)
-        if isinstance(alpha, torch.Tensor):
-            alpha = alpha.detach().float().item()
-        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
-        self.scale = alpha / self.lora_dim
-        # Same init as Microsoft's LoRA: the delta starts at exactly zero.
-        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        torch.nn.init.zeros_(self.lora_up.weight)
         self.multiplier = multiplier
-        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self._org = (org_module,)  # a tuple, so the base layer is not registered as our submodule
+        self._org = (org_module,)
         self.org_forward = None
 
     @property
@@ -82,6 +64,40 @@ class LoRAModule(torch.nn.Module):
             if self.org_module.__dict__.get("forward") == self.forward:
                 del self.org_module.forward
             self.org_forward = None
+
+
+def alpha_value(alpha, rank: int) -> float:
+    """A LoRA alpha as a float; None or 0 (old files) mean alpha = rank, i.e. scale 1."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.detach().float().item()
+    return float(rank if alpha is None or alpha == 0 else alpha)
+
+
+class LoRAModule(LayerHook):
+    """The low-rank pair (lora_down, lora_up) + alpha of one layer; adds up(down(x))·multiplier·alpha/r to it."""
+
+    def __init__(
+        self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1.0,
+        dropout=None, rank_dropout=None, module_dropout=None,
+    ):  # fmt: skip
+        super().__init__(lora_name, org_module, multiplier)
+        self.lora_dim = int(lora_dim)
+        if isinstance(org_module, torch.nn.Conv2d):
+            org = org_module
+            self.lora_down = torch.nn.Conv2d(
+                org.in_channels, self.lora_dim, org.kernel_size, org.stride, org.padding, bias=False
+            )
+            self.lora_up = torch.nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        else:
+            self.lora_down = torch.nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = torch.nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+        alpha = alpha_value(alpha, self.lora_dim)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.scale = alpha / self.lora_dim
+        # Same init as Microsoft's LoRA: the delta starts at exactly zero.
+        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_up.weight)
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -137,9 +153,12 @@ class LoRANetwork(torch.nn.Module):
         self, text_encoder, unet, *, multiplier=1.0, lora_dim=4, alpha=1.0,
         dropout=None, rank_dropout=None, module_dropout=None, conv_lora_dim=None, conv_alpha=None,
         block_dims=None, block_alphas=None, conv_block_dims=None, conv_block_alphas=None,
-        modules_dim=None, modules_alpha=None,
+        modules_dim=None, modules_alpha=None, module_class=None,
     ):  # fmt: skip
+        """`module_class(name, layer, multiplier, dim, alpha, dropout, rank_dropout, module_dropout)` builds
+        each module (default LoRAModule); networks.dylora and networks.lora_fa pass their own."""
         super().__init__()
+        module_class = module_class or LoRAModule
         self.multiplier = multiplier
         self.lora_dim, self.alpha = lora_dim, alpha
         self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
@@ -165,7 +184,7 @@ class LoRANetwork(torch.nn.Module):
                 dim, a = dim_alpha(site, is_unet)
                 if not dim:  # None or rank 0: no LoRA on this layer
                     continue
-                lora = LoRAModule(site.name, site.module, multiplier, dim, a, dropout, rank_dropout, module_dropout)
+                lora = module_class(site.name, site.module, multiplier, dim, a, dropout, rank_dropout, module_dropout)
                 self.add_module(site.name, lora)
                 loras.append(lora)
             return loras
@@ -319,13 +338,7 @@ class LoRANetwork(torch.nn.Module):
 
     def load_weights(self, file_or_state_dict):
         """Load a .safetensors/.pt file or a state dict; returns torch's (missing_keys, unexpected_keys)."""
-        if isinstance(file_or_state_dict, (str, os.PathLike)):
-            from library.models.checkpoint_io import read_state_dict
-
-            weights_sd = read_state_dict(file_or_state_dict)
-        else:
-            weights_sd = dict(file_or_state_dict)
-        return self.load_state_dict(self._conform(weights_sd), strict=False)
+        return self.load_state_dict(self._conform(read_weights(file_or_state_dict)), strict=False)
 
     def _conform(self, weights_sd: dict) -> dict:
         """Match the file's SD2 proj_in/proj_out form (Linear vs 1x1 conv) to ours; explain rank mismatches."""
@@ -346,30 +359,47 @@ class LoRANetwork(torch.nn.Module):
 
     def save_weights(self, file, dtype=None, metadata=None) -> None:
         """Write .safetensors (with metadata + sshs_* hashes) or .pt/.ckpt (tensors only), atomically."""
-        from library.hashing import precalculate_safetensors_hashes
-        from library.models.checkpoint_io import write_state_dict
+        write_weights(self.state_dict(), file, dtype, metadata)
 
-        state_dict = {k: v.detach().to("cpu", dtype=dtype).clone() for k, v in self.state_dict().items()}
-        if Path(file).suffix.lower() == ".safetensors":
-            metadata = dict(metadata or {})
-            model_hash, legacy_hash = precalculate_safetensors_hashes(state_dict, metadata)
-            metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hash, legacy_hash
-            write_state_dict(file, state_dict, metadata=metadata)
-        else:
-            write_state_dict(file, state_dict)
+
+def read_weights(file_or_state_dict) -> dict:
+    """The tensors of a .safetensors/.pt/.ckpt network file, or a copy of a state dict given as such."""
+    if isinstance(file_or_state_dict, (str, os.PathLike)):
+        from library.models.checkpoint_io import read_state_dict
+
+        return read_state_dict(file_or_state_dict)
+    return dict(file_or_state_dict)
+
+
+def write_weights(state_dict: dict, file, dtype=None, metadata=None) -> None:
+    """A network's state dict to .safetensors (metadata + sshs_* hashes) or .pt/.ckpt (tensors only), atomically."""
+    from library.hashing import precalculate_safetensors_hashes
+    from library.models.checkpoint_io import write_state_dict
+
+    state_dict = {k: v.detach().to("cpu", dtype=dtype).contiguous().clone() for k, v in state_dict.items()}
+    if Path(file).suffix.lower() == ".safetensors":
+        metadata = dict(metadata or {})
+        model_hash, legacy_hash = precalculate_safetensors_hashes(state_dict, metadata)
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hash, legacy_hash
+        write_state_dict(file, state_dict, metadata=metadata)
+    else:
+        write_state_dict(file, state_dict)
 
 
 # ---------------------------------------------------------------------- entry points
 
 
-def network_args_problems(kwargs: dict) -> list[str]:
-    """Every problem with --network_args for this network (unknown keys with a suggestion, bad values)."""
+def network_args_problems(kwargs: dict, supported=SUPPORTED_NETWORK_ARGS, module_name="networks.lora") -> list[str]:
+    """Every problem with --network_args for this network (unknown keys with a suggestion, bad values).
+
+    Other modules reuse it with their own `supported` keys (a subset of ours plus keys they check).
+    """
     problems = []
     for key, value in kwargs.items():
-        if key not in SUPPORTED_NETWORK_ARGS:
-            close = difflib.get_close_matches(key, SUPPORTED_NETWORK_ARGS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(SUPPORTED_NETWORK_ARGS)})"
-            problems.append(f"--network_args: unknown key '{key}' for networks.lora{hint}")
+        if key not in supported:
+            close = difflib.get_close_matches(key, supported, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(supported)})"
+            problems.append(f"--network_args: unknown key '{key}' for {module_name}{hint}")
         elif value is None or value == "None":  # the trainer injects dropout=None (upstream does too)
             continue
         elif key in _INT_ARGS + _FLOAT_ARGS + _PROBABILITY_ARGS:
@@ -391,18 +421,19 @@ def network_args_problems(kwargs: dict) -> list[str]:
             except ValueError as err:
                 problems.append(f"--{err}")
     try:
-        targets.block_lr_weights({k: v for k, v in kwargs.items() if k in SUPPORTED_NETWORK_ARGS})
+        targets.block_lr_weights({k: v for k, v in kwargs.items() if k in supported})
     except ValueError as err:
         problems.append(f"--{err}")
     return list(dict.fromkeys(problems))
 
 
-def _optional(kwargs, key, kind):
+def optional_arg(kwargs, key, kind):
+    """A --network_args value converted, or None when absent or 'None' (the trainer injects dropout=None)."""
     value = kwargs.get(key)
     return None if value is None or value == "None" else kind(value)
 
 
-def _single_text_encoder(text_encoder):
+def single_text_encoder(text_encoder):
     if isinstance(text_encoder, (list, tuple)):
         if len(text_encoder) > 1:
             raise ValueError("networks.lora here supports SD1.x/SD2.x (one text encoder); SDXL is not supported")
@@ -412,12 +443,13 @@ def _single_text_encoder(text_encoder):
 
 def _dropouts(kwargs, neuron_dropout):
     if neuron_dropout is None:
-        neuron_dropout = _optional(kwargs, "dropout", float)  # set by --network_args dropout=… or the trainer
-    return neuron_dropout, _optional(kwargs, "rank_dropout", float), _optional(kwargs, "module_dropout", float)
+        neuron_dropout = optional_arg(kwargs, "dropout", float)  # set by --network_args dropout=… or the trainer
+    return neuron_dropout, optional_arg(kwargs, "rank_dropout", float), optional_arg(kwargs, "module_dropout", float)
 
 
-def _finish(network: LoRANetwork, kwargs: dict) -> LoRANetwork:
-    ratios = [_optional(kwargs, k, float) for k in _LORAPLUS_ARGS]
+def finish_network(network: LoRANetwork, kwargs: dict) -> LoRANetwork:
+    """LoRA+ ratios and block learning-rate weights from --network_args."""
+    ratios = [optional_arg(kwargs, k, float) for k in _LORAPLUS_ARGS]
     if any(r is not None for r in ratios):
         network.set_loraplus_lr_ratio(*ratios)
     network.set_block_lr_weight(targets.block_lr_weights(kwargs))
@@ -426,12 +458,18 @@ def _finish(network: LoRANetwork, kwargs: dict) -> LoRANetwork:
 
 def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
     """A new LoRA (or LoCon with conv_dim) network for these models; kwargs are --network_args strings."""
-    problems = network_args_problems(kwargs)
+    return build_network(LoRANetwork, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs)
+
+
+def build_network(network_class, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs,
+                  module_name="networks.lora"):  # fmt: skip
+    """create_network for LoRANetwork or a subclass taking the same arguments (networks.lora_fa)."""
+    problems = network_args_problems(kwargs, module_name=module_name)
     if problems:
         raise ValueError("; ".join(problems))
     network_dim = 4 if network_dim is None else int(network_dim)
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
-    conv_dim, conv_alpha = _optional(kwargs, "conv_dim", int), _optional(kwargs, "conv_alpha", float)
+    conv_dim, conv_alpha = optional_arg(kwargs, "conv_dim", int), optional_arg(kwargs, "conv_alpha", float)
     if conv_dim is not None and conv_alpha is None:
         conv_alpha = 1.0
     block_lr = targets.block_lr_weights(kwargs)
@@ -451,12 +489,12 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
         "create LoRA network: dim %d, alpha %s, conv dim %s, conv alpha %s; dropout: neuron %s, rank %s, module %s",
         network_dim, network_alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout,
     )  # fmt: skip
-    network = LoRANetwork(
-        _single_text_encoder(text_encoder), unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
+    network = network_class(
+        single_text_encoder(text_encoder), unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
         dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
         conv_lora_dim=conv_dim, conv_alpha=conv_alpha, **blocks,
     )  # fmt: skip
-    return _finish(network, kwargs)
+    return finish_network(network, kwargs)
 
 
 def create_network_from_weights(
@@ -467,10 +505,11 @@ def create_network_from_weights(
     Weights are not loaded (call load_weights or merge_to). Missing or zero alpha means alpha = rank.
     kwargs may carry dropouts, LoRA+ ratios and block lr weights; dims in kwargs are ignored.
     """
-    if weights_sd is None:
-        from library.models.checkpoint_io import read_state_dict
+    return build_network_from_weights(LoRANetwork, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs)
 
-        weights_sd = read_state_dict(file)
+
+def ranks_and_alphas(weights_sd: dict) -> tuple[dict[str, int], dict[str, float]]:
+    """{module name: rank} from each lora_down.weight, {module name: alpha} (missing or 0 -> rank)."""
     dims, alphas = {}, {}
     for key, value in weights_sd.items():
         name, _, leaf = key.partition(".")
@@ -478,22 +517,33 @@ def create_network_from_weights(
             dims[name] = int(value.shape[0])
         elif leaf == "alpha":
             alphas[name] = float(value)
-    alphas = {name: (alphas.get(name) or dim) for name, dim in dims.items()}
-    problems = network_args_problems(kwargs)
+    return dims, {name: (alphas.get(name) or dim) for name, dim in dims.items()}
+
+
+def warn_unused_modules(network, names) -> None:
+    unused = sorted(set(names) - {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras})
+    if unused:
+        logger.warning(
+            "%d modules in the weights match no layer of this model (SDXL or another architecture?), e.g. %s",
+            len(unused), unused[0],
+        )  # fmt: skip
+
+
+def build_network_from_weights(network_class, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs,
+                               module_name="networks.lora"):  # fmt: skip
+    """create_network_from_weights for LoRANetwork or a subclass taking the same arguments."""
+    weights_sd = read_weights(file) if weights_sd is None else weights_sd
+    dims, alphas = ranks_and_alphas(weights_sd)
+    problems = network_args_problems(kwargs, module_name=module_name)
     if problems:
         raise ValueError("; ".join(problems))
     ignored = [k for k in _DIM_ARGS if k in kwargs]
     if ignored:
         logger.warning("network_args %s ignored: ranks and alphas come from the weights file", ", ".join(ignored))
     dropout, rank_dropout, module_dropout = (None, None, None) if for_inference else _dropouts(kwargs, None)
-    network = LoRANetwork(
-        _single_text_encoder(text_encoder), unet, multiplier=multiplier, modules_dim=dims, modules_alpha=alphas,
+    network = network_class(
+        single_text_encoder(text_encoder), unet, multiplier=multiplier, modules_dim=dims, modules_alpha=alphas,
         dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
     )  # fmt: skip
-    unused = sorted(set(dims) - {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras})
-    if unused:
-        logger.warning(
-            "%d LoRA modules in the weights match no layer of this model (SDXL or another architecture?), e.g. %s",
-            len(unused), unused[0],
-        )  # fmt: skip
-    return _finish(network, kwargs), weights_sd
+    warn_unused_modules(network, dims)
+    return finish_network(network, kwargs), weights_sd
