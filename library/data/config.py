@@ -113,6 +113,7 @@ FIELD_KINDS = MappingProxyType(
     {
         "is_reg": ("dreambooth", "mask"),
         "class_tokens": ("dreambooth", "mask"),
+        "cache_info": ("dreambooth", "mask"),
         "metadata_file": ("fine_tuning",),
         "alpha_mask": ("dreambooth", "fine_tuning"),
         "conditioning_data_dir": ("mask",),

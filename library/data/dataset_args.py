@@ -141,6 +141,12 @@ def _add_caching_and_loading(group) -> None:
     _option(group, "vae_batch_size", int, 1, "images per VAE batch while caching latents (default 1)")
     _flag(group, "skip_cache_check", "trust existing .npz latent files without checking them")
     _flag(group, "skip_unreadable_images", "skip unreadable or empty image files with a warning instead of stopping")
+    _flag(
+        group, "cache_info",
+        "keep each image folder's captions, image sizes and decode checks in <image_dir>/metadata_cache.json "
+        "(sd-scripts' file) and reuse them while the files are unchanged; the default of every DreamBooth/mask "
+        "subset's cache_info",
+    )
     _flag(group, "debug_dataset", "show the training batches instead of training")
     _option(group, "max_data_loader_n_workers", int, 8, "data loading processes (default 8, at most the CPU count)")
     _flag(group, "persistent_data_loader_workers", "keep the data loading workers alive between epochs")

@@ -4,7 +4,8 @@ Built for large folders (100k images in ~1.5-2 s on 2 cores, bench/bench_dataset
 ``os.scandir`` per folder; caption files looked up in the set of names that scan returned (no ``stat``
 per image); each caption file and image head read with one ``os.open``/``os.read`` (no buffered file
 object, no Path object per image); metadata keys matched against the listing; one small NamedTuple
-per image. Reads run serially unless the caller asks for threads (see ``parallel_map``). Problems
+per image. With ``cache_info`` a folder's unchanged files are not read at all (info_cache.py).
+Reads run serially unless the caller asks for threads (see ``parallel_map``). Problems
 are collected, never raised one at a time, so the user sees all of them in one message.
 """
 
@@ -27,6 +28,7 @@ from library.data.captions import (
 from library.data.config import DatasetBlueprint, SubsetBlueprint
 from library.data.image_headers import size_or_reason
 from library.data.images import face_from_name, image_extensions
+from library.data.info_cache import NEED, FolderInfoCache
 from library.errors import UserError
 
 __all__ = [
@@ -98,6 +100,7 @@ class ScanReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
     caption_errors: list[str] = field(default_factory=list)
     findings: list[SubsetFindings] = field(default_factory=list)  # one per scan_subset call, in call order
+    info_caches: dict[str, FolderInfoCache] = field(default_factory=dict)  # cache_info folders -> their cache
 
 
 class MetadataFileError(UserError, ValueError):
@@ -199,22 +202,52 @@ def _caption_file_name(image_name: str, extension: str, names: set[str]) -> str 
     return None
 
 
+def _read_caption(caption_path: str | None, enable_wildcard: bool) -> str | CaptionFileError | None:
+    """Caption text, the error, or None without a caption file."""
+    if caption_path is None:
+        return None
+    try:
+        return caption_from_bytes(read_small_file(caption_path), caption_path, enable_wildcard)
+    except CaptionFileError as error:
+        return error
+    except OSError as error:  # no permission, a folder named like a caption file, ...
+        return CaptionFileError(
+            f"cannot read caption file {caption_path}: {error.strerror or error}. "
+            "Fix its permissions, or rename/remove it."
+        )
+
+
 def _read_image(
     path: str, caption_path: str | None, enable_wildcard: bool
 ) -> tuple[str | CaptionFileError | None, tuple[int, int] | str]:
     """(caption text, error or None without a caption file; size or the reason it cannot be read)."""
-    text = None
-    if caption_path is not None:
-        try:
-            text = caption_from_bytes(read_small_file(caption_path), caption_path, enable_wildcard)
-        except CaptionFileError as error:
-            text = error
-        except OSError as error:  # no permission, a folder named like a caption file, ...
-            text = CaptionFileError(
-                f"cannot read caption file {caption_path}: {error.strerror or error}. "
-                "Fix its permissions, or rename/remove it."
-            )
-    return text, size_or_reason(path)
+    return _read_caption(caption_path, enable_wildcard), size_or_reason(path)
+
+
+def _read_with_cache(
+    cache: FolderInfoCache,
+    names: list[str],
+    paths: list[str],
+    caption_paths: list[str | None],
+    subset: SubsetBlueprint,
+    workers: int | None,
+) -> list[tuple[str | CaptionFileError | None, tuple[int, int] | str]]:
+    """What ``_read_image`` gives for each image, read only where ``cache`` has no valid entry (info_cache.py)."""
+    wildcard = subset.enable_wildcard
+    known = cache.lookup(names, paths, caption_paths, wildcard)
+
+    def finish(i: int) -> tuple:
+        text, size = known[i]
+        return (
+            _read_caption(caption_paths[i], wildcard) if text is NEED else text,
+            size_or_reason(paths[i]) if size is NEED else size,
+        )
+
+    stale = [i for i, (text, size) in enumerate(known) if text is NEED or size is NEED]
+    for i, result in zip(stale, parallel_map(finish, stale, workers)):
+        known[i] = result
+    cache.record(paths, caption_paths, known, wildcard, subset.class_tokens or "")
+    return known
 
 
 def image_extensions_text() -> str:
@@ -274,7 +307,11 @@ def _scan_dreambooth(
                 caption_paths[i] = prefix + caption_name
                 caption_names.append(caption_name)
     wildcard = subset.enable_wildcard
-    loaded = parallel_map(lambda i: _read_image(paths[i], caption_paths[i], wildcard), range(len(paths)), workers)
+    if subset.cache_info:
+        cache = report.info_caches.get(folder) or report.info_caches.setdefault(folder, FolderInfoCache(folder))
+        loaded = _read_with_cache(cache, image_names, paths, caption_paths, subset, workers)
+    else:
+        loaded = parallel_map(lambda i: _read_image(paths[i], caption_paths[i], wildcard), range(len(paths)), workers)
     fallback = subset.class_tokens or ""
     entries, uncaptioned = [], []
     for path, (text, size) in zip(paths, loaded):
@@ -505,6 +542,8 @@ def scan_subset(
     ``UnreadableImagesError`` and warnings are dropped. A metadata file that cannot be parsed raises
     ``MetadataFileError`` at once (nothing of that subset can be scanned). What was seen is appended to
     ``report.findings`` (one ``SubsetFindings`` per call) for messages about subsets that give nothing.
+    A DreamBooth/mask subset with ``cache_info`` reads through its folder's ``FolderInfoCache`` in
+    ``report.info_caches``; the caller writes those files (``info_cache.save_info_caches``).
     """
     own_report = report is None
     report = report or ScanReport()

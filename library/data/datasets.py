@@ -56,6 +56,7 @@ from library.data.images import (
     resize_and_crop,
     to_tensor,
 )
+from library.data.info_cache import checked_images, save_info_caches
 from library.data.latent_cache import (
     LATENT_CACHE_FORBIDS,
     LATENT_CACHE_FORBIDS_REASON,
@@ -254,8 +255,10 @@ def build_dataset_group(
         report = ScanReport()
         scanned = [[scan_subset(s, bp, report, workers) for s in bp.subsets] for bp in blueprints]
         if check_readable:
-            paths = sorted({record.path for per_dataset in scanned for records in per_dataset for record in records})
+            paths = {record.path for per_dataset in scanned for records in per_dataset for record in records}
+            paths = sorted(paths - checked_images(report.info_caches.values()))  # cache_info: decoded before
             report.unreadable += [(str(p), reason) for p, reason in check_images_readable(paths, workers)]
+        report.warnings += save_info_caches(report.info_caches.values(), report.unreadable if check_readable else None)
         if report.caption_errors or (report.unreadable and not skip_unreadable):
             raise UnreadableImagesError(report.unreadable, report.caption_errors)
         if report.unreadable:
