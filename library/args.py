@@ -138,6 +138,9 @@ def build_parser(info: "RecipeInfo") -> argparse.ArgumentParser:
     add_attention_arguments(parser)
     add_model_saving_arguments(parser, info)
     add_training_groups(parser, info.tracker_name)
+    from library.training.scaling_args import add_scaling_arguments
+
+    add_scaling_arguments(parser)  # --deepspeed / ZeRO, --torch_compile, --fp8_base
     add_console_log_arguments(parser)
     add_config_file_arguments(parser)
     return parser

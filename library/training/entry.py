@@ -43,6 +43,9 @@ def option_problems(args: argparse.Namespace, recipe: Recipe) -> list[str]:
     problems += hub_option_problems(args)
     problems += modelspec_option_problems(args)
     problems += validation_option_problems(args)
+    from library.training.scaling_args import scaling_option_problems
+
+    problems += scaling_option_problems(args, recipe.info)
     problems += recipe.option_problems(args)
     if not args.pretrained_model_name_or_path and not args.debug_dataset:
         problems.append("--pretrained_model_name_or_path is required (a .safetensors/.ckpt file, diffusers folder or hub id)")

@@ -43,6 +43,9 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--base_weights", type=str, default=None, nargs="*", help="network files merged into the base model first")
     opt("--base_weights_multiplier", type=float, default=None, nargs="*",
         help="strength of each --base_weights file (default 1.0)")
+    from library.training.scaling_args import add_fp8_base_unet_argument
+
+    add_fp8_base_unet_argument(group)
 
 
 def network_option_problems(args: argparse.Namespace) -> list[str]:

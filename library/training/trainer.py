@@ -38,6 +38,7 @@ from library.training.checkpoints import (
     step_name,
     step_to_prune,
 )
+from library.training.deepspeed_setup import accelerator_options, micro_batch_sync, save_engine_state, wrap_optimizer
 from library.training.diffusion_step import (
     DiffusionStep,
     DiffusionTrainingModel,
@@ -90,12 +91,14 @@ def make_accelerator(args: argparse.Namespace, find_unused_parameters: bool = Fa
         from datetime import timedelta
 
         handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+    handlers, deepspeed = accelerator_options(args, handlers)  # --deepspeed: the plugin, gloo without a GPU
     # Accumulation is done here (no_sync + loss / micro-batches) so a short last group of an
     # epoch is averaged correctly; accelerate therefore runs with 1.
     return Accelerator(
         gradient_accumulation_steps=1,
         mixed_precision=args.mixed_precision,
         kwargs_handlers=handlers,
+        **deepspeed,
         **accelerator_logging_kwargs(args),
     )
 
@@ -176,6 +179,7 @@ class Trainer:
             train_caption=attached.train_caption,
         )
         self.model, self.optimizer = accelerator.prepare(model, built.optimizer)
+        self.optimizer = wrap_optimizer(self.optimizer, self.model, args, accelerator)  # DeepSpeed: sharded states
         self.lr_scheduler = lr_scheduler
         self.trainable = [p for g in attached.param_groups for p in g["params"]]
 
@@ -286,6 +290,12 @@ class Trainer:
         parts.unet.train()
         parts.text_encoder.train(attached.text_encoder_trains)
         parts.vae.eval()
+        from library.training.fp8_weights import apply_fp8_base
+        from library.training.torch_compile import compile_unet_if_asked
+
+        main = self.accelerator.is_main_process
+        apply_fp8_base(args, parts, attached, weight_dtype, log=print if main else lambda *_: None)
+        compile_unet_if_asked(args, parts.unet, log=print if main else lambda *_: None)
 
     @contextmanager
     def _evaluation(self):
@@ -460,7 +470,7 @@ class Trainer:
             group_size, last_micro = micro_batch_group(
                 batch["local_index"], schedule.batches_per_epoch, args.gradient_accumulation_steps
             )
-            sync = nullcontext() if last_micro else accelerator.no_sync(self.model)
+            sync = micro_batch_sync(accelerator, self.model, last_micro)
             with sync:
                 self._call_hooks("before_batch", progress)
                 loss = self._batch_loss(batch, epoch)
@@ -668,6 +678,8 @@ class Trainer:
         failure = self._main_process_says(failure)
         if failure:
             raise SaveFailed(failure)
+        if state:  # DeepSpeed: every process adds its optimizer shard to the state folder
+            save_engine_state(accelerator, self.model, self.output_dir / state_folder_name(name))
 
     def _write_save(self, folder: Path, name: str, progress: Progress, state: bool, upload: bool) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
