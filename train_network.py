@@ -33,6 +33,7 @@ INFO = RecipeInfo(
     save_formats=("ckpt", "pt", "safetensors"),
     default_save_format="safetensors",
     tracker_name="network_train",
+    zero_stage_3=True,
 )
 
 

@@ -52,6 +52,10 @@ class RecipeInfo:
     default_save_format: str | None  # None: the base model's own format (full-model recipes)
     tracker_name: str  # default --log_tracker_name
     weighted_captions: bool = True  # offers --weighted_captions
+    # Trains under DeepSpeed ZeRO-3 (--zero_stage 3), where every weight of the prepared model is split over the
+    # processes: what the recipe reads or writes whole (`save`, `trained_state_dict`, `load_trained_state_dict`)
+    # is gathered by the trainer around the call, and nothing else of it (hooks) reads the trained weights.
+    zero_stage_3: bool = False
 
     @property
     def saves_full_models(self) -> bool:

@@ -32,3 +32,15 @@ def base_images(base_parts):
     from tests.learning_helpers import CONCEPT_PROMPTS, OTHER_PROMPTS, generate
 
     return {"concept": generate(base_parts, CONCEPT_PROMPTS), "other": generate(base_parts, OTHER_PROMPTS)}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """In-process training on one CPU thread: torch's multi-threaded kernels can differ run to run by ~1e-5 on
+    some CPUs, which tests comparing a resumed run with a straight one bit for bit must not see."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from library.recipe import Attached
 from library.training.checkpoints import ResumeError
 from library.training.hub import STAGING_DIR, HubUploader, download_state, hub_option_problems, parse_resume_spec
 from library.training.training_args import training_option_problems
@@ -293,6 +294,7 @@ def test_download_state_errors_are_resume_errors(tmp_path):
 class _Accelerator:
     is_main_process = True
     num_processes = 1
+    distributed_type = "NO"
 
     def wait_for_everyone(self):
         pass
@@ -316,7 +318,8 @@ def test_trainer_save_uploads_the_model_and_optionally_the_state(tmp_path, state
     extra = ["--save_state_to_huggingface"] if state_to_hub else []
     args = hub_args("--output_dir", str(tmp_path), "--save_state", *extra)
     trainer = Trainer(_Recipe(), args, group=None, seed=0)
-    trainer.accelerator, trainer.trainable, trainer.ctx = _Accelerator(), [], None
+    trainer.accelerator, trainer.trainable, trainer.ctx, trainer.model = _Accelerator(), [], None, None
+    trainer.attached = Attached(param_groups=[])
     trainer._save_state = lambda folder, progress: folder.mkdir()
     api = FakeApi()
     trainer.hub = HubUploader.from_args(args, api=api)

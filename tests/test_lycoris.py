@@ -34,6 +34,9 @@ def train(model, data, out, algo: str, *extra: str) -> int:
     return run_recipe(train_network.NetworkRecipe(), argv)
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return dreambooth_folders(tmp_path_factory.mktemp("lycoris_data"), count=3)

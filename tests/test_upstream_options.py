@@ -17,6 +17,8 @@ import train_network
 from library.training.entry import run_recipe
 from tests.training_helpers import dreambooth_folders, lora_args, run_script
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -12,7 +12,12 @@ The trainer's loop stays the same under DeepSpeed; four things differ, each hand
   DeepSpeed's own checkpoint of the trained weights and every process's shard (`deepspeed/`, written
   by all processes after the main one wrote the rest; frozen weights are left out), and resuming
   reads it back (`ShardedOptimizer`);
-* a run started without a launcher gets the environment of a one-process launch.
+* a run started without a launcher gets the environment of a one-process launch;
+* ZeRO-3 splits every weight of the prepared model over the processes (each holds a shard, the
+  tensor itself is empty): what reads or writes the trained weights whole (saves, states, resume,
+  checks) does so inside `whole_weights`, which gathers them on every process (a collective: all
+  processes enter it), and `model_construction` keeps the base model whole while it loads unless
+  --zero3_init_flag asks transformers to build it already split.
 """
 
 from __future__ import annotations
@@ -109,6 +114,43 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def partitions_weights(accelerator) -> bool:
+    """ZeRO-3: each process holds only its shard of every weight of the prepared model."""
+    return uses_deepspeed(accelerator) and int(accelerator.state.deepspeed_plugin.zero_stage) == 3
+
+
+@contextmanager
+def whole_weights(accelerator, params, modify: bool = False):
+    """Inside, every process sees `params` whole (ZeRO-3 gathers them; otherwise they are whole anyway).
+    Under ZeRO-3 this is a collective: every process must enter it, in the same order. With `modify`,
+    what process 0 wrote into them is what every process keeps (split again on exit)."""
+    if not partitions_weights(accelerator):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None):
+        yield
+
+
+@contextmanager
+def model_construction(accelerator, args: argparse.Namespace):
+    """Around loading the base model. accelerate tells transformers of a ZeRO-3 run whatever
+    --zero3_init_flag says, and transformers then builds its models (the text encoder of a diffusers
+    folder) already split (deepspeed.zero.Init). That is what --zero3_init_flag asks for; without it
+    the models load whole here, as on every other stage, and DeepSpeed splits them when prepared."""
+    if not partitions_weights(accelerator) or getattr(args, "zero3_init_flag", False):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
 @contextmanager
 def micro_batch_sync(accelerator, model, last_micro: bool):
     """Around one micro-batch's forward and backward: gradients are reduced (and, under DeepSpeed, the
@@ -156,10 +198,19 @@ class ShardedOptimizer:
             raise ValueError("this state was written without --deepspeed; resume it without --deepspeed")
         folder = Path(self._args.resume) / ENGINE_FOLDER
         if not (folder / ENGINE_TAG).is_dir():
+            if zero_stage(self._args) == 3:
+                # measured: the split weights and DeepSpeed's fp32 copy then differ from the saved run's by ~1e-3
+                raise ValueError(
+                    f"no {ENGINE_FOLDER}/ in it (a rescued copy?): under --zero_stage 3 that cannot resume exactly; "
+                    "resume it with --zero_stage 2"
+                )
             logger.warning(
                 "%s is missing (the state was rescued or uploaded before DeepSpeed wrote it): the trained weights "
                 "are restored, the optimizer state starts afresh", folder,
             )  # fmt: skip
+            refresh = getattr(getattr(self._engine, "optimizer", None), "refresh_fp32_params", None)
+            if refresh is not None:  # ZeRO keeps its own fp32 copy: take the restored weights into it
+                refresh()
             return
         load_path, _ = self._engine.load_checkpoint(
             str(folder), tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,

@@ -90,6 +90,8 @@ def add_fp8_base_unet_argument(parser: argparse.ArgumentParser) -> None:
 def scaling_option_problems(args: argparse.Namespace, info: "RecipeInfo") -> list[str]:
     """Bad combinations of the options above, found before anything loads (one line each, with the fix)."""
     problems = deepspeed_option_problems(args)
+    if args.deepspeed and zero_stage(args) == 3:
+        problems += zero_stage_3_problems(args, info)
     problems += fp8_option_problems(args, info)
     if getattr(args, "torch_compile", False) and args.dynamo_backend not in ("eager", "aot_eager", "inductor"):
         problem = _backend_problem(args.dynamo_backend)
@@ -125,11 +127,6 @@ def deepspeed_option_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"--offload_{kind}_nvme_path needs --offload_{kind}_device nvme")
         if device == "nvme" and not path:
             problems.append(f"--offload_{kind}_device nvme needs --offload_{kind}_nvme_path (a folder on the NVMe drive)")
-    if stage == 3:
-        problems.append(
-            "--zero_stage 3 is not supported yet: it shards the trained weights themselves, and saves, states and "
-            "--resume read them whole; use --zero_stage 2 (with --offload_optimizer_device cpu to save GPU memory)"
-        )
     if args.offload_optimizer_device and stage < 2:
         problems.append(f"--offload_optimizer_device needs --zero_stage 2 or 3 (now {stage})")
     if args.offload_param_device and stage != 3:
@@ -153,6 +150,28 @@ def deepspeed_option_problems(args: argparse.Namespace) -> list[str]:
         problems.append(
             "--deepspeed with ACCELERATE_USE_CPU set (accelerate launch --cpu): accelerate then skips DeepSpeed; "
             "unset it, DeepSpeed runs on the CPU by itself when there is no GPU"
+        )
+    return problems
+
+
+def zero_stage_3_problems(args: argparse.Namespace, info: "RecipeInfo") -> list[str]:
+    """ZeRO-3 splits every weight over the processes: what the recipe or an option reads whole must allow it."""
+    if not info.zero_stage_3:
+        return [
+            f"--zero_stage 3: {info.script}.py does not support it yet (ZeRO-3 splits the base model's own weights "
+            "over the processes, and this recipe's saves and hooks read them whole); use --zero_stage 2, with "
+            "--offload_optimizer_device cpu to save GPU memory"
+        ]
+    problems = []
+    if getattr(args, "sample_prompts", None):
+        problems.append(
+            "--sample_prompts with --zero_stage 3: sample images are drawn by the main process alone, but under ZeRO-3 "
+            "every forward pass needs all processes; drop the sample options or use --zero_stage 2"
+        )
+    if getattr(args, "scale_weight_norms", None):
+        problems.append(
+            "--scale_weight_norms with --zero_stage 3: it rescales the trained weights after each step, which ZeRO-3 "
+            "holds split over the processes; drop it or use --zero_stage 2"
         )
     return problems
 

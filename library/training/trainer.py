@@ -38,7 +38,14 @@ from library.training.checkpoints import (
     step_name,
     step_to_prune,
 )
-from library.training.deepspeed_setup import accelerator_options, micro_batch_sync, save_engine_state, wrap_optimizer
+from library.training.deepspeed_setup import (
+    accelerator_options,
+    micro_batch_sync,
+    model_construction,
+    save_engine_state,
+    whole_weights,
+    wrap_optimizer,
+)
 from library.training.diffusion_step import (
     DiffusionStep,
     DiffusionTrainingModel,
@@ -126,7 +133,8 @@ class Trainer:
         self.find_unused_parameters = self.recipe.find_unused_parameters(args)
         accelerator = make_accelerator(args, find_unused_parameters=self.find_unused_parameters)
         self.accelerator = accelerator
-        parts = self._load_base_model()
+        with model_construction(accelerator, args):  # ZeRO-3: whole unless --zero3_init_flag
+            parts = self._load_base_model()
         ctx = TrainingContext(
             args, self.recipe.info, accelerator, parts, self.group, weight_dtype_for(args.mixed_precision), self.seed,
             self.output_dir, session_id=random.randrange(2**32), started_at=time.time(), evaluation=self._evaluation,
@@ -338,7 +346,8 @@ class Trainer:
         self._check_state_fits(folder, info)
         state = load_training_state(folder)
         try:
-            self.recipe.load_trained_state_dict(state.trained)
+            with self._whole_trained(modify=True):
+                self.recipe.load_trained_state_dict(state.trained)
             self.optimizer.load_state_dict(state.optimizer_state)
             self.lr_scheduler.load_state_dict(state.scheduler_state)
             if state.scaler_state is not None and self.accelerator.scaler is not None:
@@ -398,7 +407,8 @@ class Trainer:
             raise ResumeError(self._resume_mismatch(
                 folder, info, f"it was written by the optimizer {saved_optimizer}, this run uses {optimizer}"
             ))  # fmt: skip
-        current = {key: tuple(value.shape) for key, value in self.recipe.trained_state_dict().items()}
+        with self._whole_trained():
+            current = {key: tuple(value.shape) for key, value in self.recipe.trained_state_dict().items()}
         problem = shape_problem(state_tensor_shapes(folder), current)
         if problem:
             raise ResumeError(self._resume_mismatch(folder, info, f"its weights do not fit this run: {problem}"))
@@ -412,15 +422,26 @@ class Trainer:
         return f"--resume {folder}: {what}. {fix[0].upper()}{fix[1:]}, or start a new run without --resume"
 
     def _save_bytes(self) -> int:
-        """A lower bound of one save: the trained tensors once (twice with a state)."""
-        trained = self.recipe.trained_state_dict()
-        return sum(t.numel() * t.element_size() for t in trained.values()) * (2 if self.args.save_state else 1)
+        """A lower bound of one save: the trained tensors once (twice with a state). Measured once, by every
+        process together (ZeRO-3 gathers the tensors), at the disk check; later calls use that number."""
+        if getattr(self, "save_bytes", None) is None:
+            with self._whole_trained():
+                trained = self.recipe.trained_state_dict()
+                self.save_bytes = sum(t.numel() * t.element_size() for t in trained.values())
+        return self.save_bytes * (2 if self.args.save_state else 1)
+
+    def _whole_trained(self, modify: bool = False):
+        """Around every read (or, with `modify`, write) of the trained tensors as a whole: under ZeRO-3 they are
+        split over the processes and gathered here, by every process together; otherwise nothing happens."""
+        trained = self.attached.trained
+        params = [*self.trainable, *(trained.parameters() if trained is not None else ())]
+        return whole_weights(self.accelerator, params, modify=modify)
 
     def _check_disk_space(self) -> None:
         """Refuse a run whose output disk cannot take even one save (found now, not after hours of training)."""
         problem = None
+        needed = self._save_bytes()  # every process: it may gather the weights
         if self.accelerator.is_main_process:
-            needed = self._save_bytes()
             free = shutil.disk_usage(self.output_dir).free
             if free < needed:
                 problem = (
@@ -637,7 +658,8 @@ class Trainer:
         accelerator = self.accelerator
         if accelerator.num_processes == 1:
             return
-        sums = torch.stack([p.detach().double().sum() for p in self.trainable]).to(accelerator.device)
+        with self._whole_trained():
+            sums = torch.stack([p.detach().double().sum() for p in self.trainable]).to(accelerator.device)
         gathered = accelerator.gather(sums.unsqueeze(0))
         spread = float((gathered - gathered[0]).abs().max())
         if spread > 1e-6 * max(1.0, float(gathered.abs().max())):
@@ -667,14 +689,15 @@ class Trainer:
         resumable state go to a rescue folder instead and the run stops, saying where they are.
         """
         accelerator = self.accelerator
-        self._check_finite_weights(progress)
-        accelerator.wait_for_everyone()
-        failure = None
-        if accelerator.is_main_process:
-            try:
-                self._write_save(self.output_dir, name, progress, state, upload=True)
-            except Exception as err:  # noqa: BLE001 - every failed save is rescued; bugs keep their traceback in the log
-                failure = self._rescue(name, progress, err)
+        with self._whole_trained():  # ZeRO-3: every process gathers, the main one writes
+            self._check_finite_weights(progress)
+            accelerator.wait_for_everyone()
+            failure = None
+            if accelerator.is_main_process:
+                try:
+                    self._write_save(self.output_dir, name, progress, state, upload=True)
+                except Exception as err:  # noqa: BLE001 - every failed save is rescued; bugs keep their traceback in the log
+                    failure = self._rescue(name, progress, err)
         failure = self._main_process_says(failure)
         if failure:
             raise SaveFailed(failure)
