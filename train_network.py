@@ -123,6 +123,7 @@ class NetworkRecipe:
                 "text-encoder module(s)"
             )
         groups = protocol.optimizer_groups(network, _text_encoder_lrs(args), args.unet_lr, args.learning_rate)
+        protocol.prepare_grad_etc(network, parts)
         self.network = network
         self.suffix = args.save_model_as or "safetensors"
         return Attached(

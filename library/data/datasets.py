@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -65,7 +63,7 @@ from library.data.latent_cache import (
     read_alpha_mask,
     read_cache,
 )
-from library.data.masks import MaskFilesError, find_mask_files, mask_for_image
+from library.data.masks import mask_files_of, mask_for_image
 from library.data.sample_plan import (
     BatchPlan,
     balance_regularization,
@@ -78,6 +76,7 @@ from library.data.sample_plan import (
     sample_random,
     shard_batches,
 )
+from library.data.validation_split import split_validation
 
 __all__ = [
     "BatchPlan",
@@ -270,7 +269,7 @@ def build_dataset_group(
         for bp, per_dataset in zip(blueprints, scanned):
             report.warnings += face_crop_warnings(bp, per_dataset)
         kept = [[_drop_paths(records, bad) for records in per_dataset] for per_dataset in scanned]
-        masks = _mask_files(blueprints, kept, check_readable, workers)
+        masks = mask_files_of(blueprints, kept, check_readable, workers)
         splits = [split_validation(bp, per_dataset, seed) for bp, per_dataset in zip(blueprints, kept)]
         datasets = [
             prepare_dataset(bp, train, prior_loss_weight, max_train_steps, per_dataset_masks)
@@ -283,33 +282,6 @@ def build_dataset_group(
             raise NoTrainingDataError(unused or ["no subset gives an image to train on"], report.warnings)
         group.warnings += unused + regularization_warnings(datasets) + resize_warnings(datasets)
         return group
-
-
-def split_validation(
-    blueprint: DatasetBlueprint, records_per_subset: Sequence[list[ImageRecord]], seed: int
-) -> tuple[list[list[ImageRecord]], list[list[ImageRecord]]]:
-    """(training, held-out) records per subset: `validation_split` of each subset's images is held out.
-
-    As upstream: each subset's images (in name order) are shuffled with Python's `random` seeded by
-    `validation_seed` (else the run seed); the first ceil(n * (1 - split)) train, the rest validate.
-    Regularization subsets are never split. The same seed gives the same split in every run and process."""
-    split = blueprint.validation_split or 0.0
-    if split <= 0:
-        return [list(records) for records in records_per_subset], [[] for _ in records_per_subset]
-    split_seed = blueprint.validation_seed if blueprint.validation_seed is not None else seed
-    train, held_out = [], []
-    for subset, records in zip(blueprint.subsets, records_per_subset):
-        if subset.is_reg or not records:
-            train.append(list(records))
-            held_out.append([])
-            continue
-        order = list(range(len(records)))
-        random.Random(split_seed).shuffle(order)
-        keep = math.ceil(len(records) * (1 - split))
-        chosen = set(order[:keep])
-        train.append([r for i, r in enumerate(records) if i in chosen])
-        held_out.append([r for i, r in enumerate(records) if i not in chosen])
-    return train, held_out
 
 
 def _validation_group(
@@ -330,33 +302,6 @@ def _validation_group(
         return None
     seeds = [bp.validation_seed for bp in blueprints if bp.validation_seed is not None]
     return DatasetGroup(datasets, seeds[0] if seeds else seed)
-
-
-def _mask_files(
-    blueprints: Sequence[DatasetBlueprint],
-    records: Sequence[Sequence[list[ImageRecord]]],
-    check_readable: bool,
-    workers: int | None,
-) -> list[list[dict[str, str]]]:
-    """Mask image of every image of the subsets with conditioning_data_dir; ``MaskFilesError`` listing every
-    image without a usable mask."""
-    problems: list[str] = []
-    found = [
-        [find_mask_files(subset, subset_records, problems) for subset, subset_records in zip(bp.subsets, per_dataset)]
-        for bp, per_dataset in zip(blueprints, records)
-    ]
-    if check_readable and not problems:
-        paths = sorted({path for per_dataset in found for masks in per_dataset for path in masks.values()})
-        bad = check_images_readable(paths, workers)
-        if bad:
-            problems.append(
-                f"{len(bad)} mask image(s) cannot be decoded: "
-                + "; ".join(f"{path} ({reason})" for path, reason in bad)
-                + "; re-save or replace them"
-            )
-    if problems:
-        raise MaskFilesError(problems)
-    return found
 
 
 def _unused_subset_messages(

@@ -23,12 +23,20 @@ import torch
 
 from library.data.config import DatasetBlueprint, SubsetBlueprint
 from library.data.config_schema import DatasetConfigError
+from library.data.dataset_scan import ImageRecord
 from library.data.image_headers import size_or_reason
-from library.data.images import flip_horizontal, image_extensions, load_mask_channel, resize_and_crop
+from library.data.images import (
+    check_images_readable,
+    flip_horizontal,
+    image_extensions,
+    load_mask_channel,
+    resize_and_crop,
+)
 
 __all__ = [
     "MaskFilesError",
     "find_mask_files",
+    "mask_files_of",
     "mask_for_image",
     "mask_option_problems",
     "masked_loss_problems",
@@ -172,3 +180,30 @@ def mask_for_image(
     if flip:
         mask = flip_horizontal(mask)
     return torch.from_numpy(mask.astype(np.float32) / 255.0)
+
+
+def mask_files_of(
+    blueprints: Sequence[DatasetBlueprint],
+    records: Sequence[Sequence[list[ImageRecord]]],
+    check_readable: bool,
+    workers: int | None,
+) -> list[list[dict[str, str]]]:
+    """Mask image of every image of the subsets with conditioning_data_dir; ``MaskFilesError`` listing every
+    image without a usable mask."""
+    problems: list[str] = []
+    found = [
+        [find_mask_files(subset, subset_records, problems) for subset, subset_records in zip(bp.subsets, per_dataset)]
+        for bp, per_dataset in zip(blueprints, records)
+    ]
+    if check_readable and not problems:
+        paths = sorted({path for per_dataset in found for masks in per_dataset for path in masks.values()})
+        bad = check_images_readable(paths, workers)
+        if bad:
+            problems.append(
+                f"{len(bad)} mask image(s) cannot be decoded: "
+                + "; ".join(f"{path} ({reason})" for path, reason in bad)
+                + "; re-save or replace them"
+            )
+    if problems:
+        raise MaskFilesError(problems)
+    return found

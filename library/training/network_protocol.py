@@ -106,10 +106,13 @@ def optimizer_groups(network, text_encoder_lrs: list[float] | None, unet_lr, lea
         if description and "name" not in group:
             group["name"] = description.replace(" ", "_")
         named.append(group)
-    if hasattr(network, "prepare_grad_etc"):
-        # sd-scripts calls it with the models; networks use it to set requires_grad on their weights
-        network.prepare_grad_etc(None, None)
     return [g for g in named if g["params"]]
+
+
+def prepare_grad_etc(network, parts) -> None:
+    """Once the optimizer groups exist, as sd-scripts calls it (networks set requires_grad on their weights)."""
+    if hasattr(network, "prepare_grad_etc"):
+        network.prepare_grad_etc(parts.text_encoder, parts.unet)
 
 
 def network_hooks(network, args: argparse.Namespace) -> Hooks:

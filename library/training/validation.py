@@ -1,6 +1,6 @@
 """Validation loss on held-out images (--validation_split), as trainer hooks.
 
-The images are held out when the dataset is built (library/data/datasets.py `split_validation`: never
+The images are held out when the dataset is built (library/data/validation_split.py `split_validation`: never
 trained on, not counted in the batches per epoch). Every N steps (--validate_every_n_steps) and every N
 epochs (--validate_every_n_epochs; every epoch by default), the loss of each held-out batch is computed
 at upstream's fixed set of timesteps (4 evenly spaced between --min_timestep and --max_timestep: 200,
