@@ -86,11 +86,3 @@ def _network_args_problems(network_args, module_name: str) -> list[str]:
         return []  # the recipe reports an unimportable --network_module itself
     check = getattr(module, "network_args_problems", None)
     return list(check(parse_network_kwargs(network_args))) if check else []
-
-
-def text_encoder_lr(args: argparse.Namespace):
-    """The single text-encoder learning rate (None: use --learning_rate), from a number or a one-item list."""
-    value = getattr(args, "text_encoder_lr", None)
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    return value
