@@ -198,8 +198,8 @@ def child_main(json_path: str, train_argv: list[str]) -> int:
     return rc
 
 
-def sd_child_main(json_path: str, sd_dir: str, train_argv: list[str]) -> int:
-    """Run sd-scripts' train_db.py (in its own interpreter: standard library and its own packages only),
+def sd_child_main(json_path: str, sd_dir: str, train_argv: list[str], script: str = "train_db.py") -> int:
+    """Run one of sd-scripts' training scripts (in its own interpreter: standard library and its own packages only),
     timing the update calls of its "steps" progress bar."""
     sys.path.insert(0, str(ROOT))  # for bench.* (standard library only); sd-scripts' own path replaces it below
     from bench.bench_train_network import step_timings
@@ -240,10 +240,10 @@ def sd_child_main(json_path: str, sd_dir: str, train_argv: list[str]) -> int:
             return super().update(n)
 
     tqdm.tqdm = TimedTqdm
-    sys.argv = [str(Path(sd_dir) / "train_db.py"), *train_argv]
+    sys.argv = [str(Path(sd_dir) / script), *train_argv]
     rc = 0
     try:
-        runpy.run_path(str(Path(sd_dir) / "train_db.py"), run_name="__main__")
+        runpy.run_path(str(Path(sd_dir) / script), run_name="__main__")
     except SystemExit as stop:
         rc = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     end_wall = time.time()
@@ -506,9 +506,10 @@ if __name__ == "__main__":
         child.add_argument("--sd_child", action="store_true")
         child.add_argument("--sd_dir")
         child.add_argument("--json", required=True)
+        child.add_argument("--sd_script", default="train_db.py")
         split = sys.argv.index("--")
         opts = child.parse_args(sys.argv[1:split])
         if opts.sd_child:
-            sys.exit(sd_child_main(opts.json, opts.sd_dir, sys.argv[split + 1 :]))
+            sys.exit(sd_child_main(opts.json, opts.sd_dir, sys.argv[split + 1 :], opts.sd_script))
         sys.exit(child_main(opts.json, sys.argv[split + 1 :]))
     main()

@@ -38,6 +38,7 @@ from library.training.checkpoints import (
     step_name,
     step_to_prune,
 )
+from library.training.cpu_convolutions import route_weight_bound_convolutions
 from library.training.deepspeed_setup import (
     accelerator_options,
     micro_batch_sync,
@@ -283,6 +284,8 @@ class Trainer:
             trained_dtype = torch.bfloat16
         place_module(parts.unet, device, trained_dtype if attached.unet_weights_train else weight_dtype)
         place_module(parts.text_encoder, device, trained_dtype if attached.text_encoder_weights_train else weight_dtype)
+        if device.type == "cpu":
+            route_weight_bound_convolutions(parts.unet)  # the U-Net's large convolutions at few positions
         if self.group.uses_cached_latents:
             parts.vae.to("cpu")  # only needed again for sample images
         else:
