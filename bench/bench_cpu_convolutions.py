@@ -65,18 +65,20 @@ def main() -> None:
     parser.add_argument("--latent", type=int, nargs="+", default=[16, 64], help="latent sizes (image size / 8)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and inputs (bf16: as under autocast)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     for latent in args.latent:
         for batch in args.batch:
             calls = conv_calls(latent, batch)
-            print(f"\n## latent {latent}x{latent} ({latent * 8} px), batch {batch}\n")
+            print(f"\n## latent {latent}x{latent} ({latent * 8} px), batch {batch}, {args.dtype}\n")
             print("| weight (out x in x 3 x 3) | input h x w | calls | torch ms | product ms | ratio | routed |")
             print("|---|---|---|---|---|---|---|")
             total_torch = total_routed = 0.0
             for (out_ch, in_ch, h, w, n), count in sorted(calls.items(), key=lambda kv: (-kv[0][1] * kv[0][0], kv[0])):
-                conv = torch.nn.Conv2d(in_ch, out_ch, 3, padding=1).requires_grad_(False)
-                x = torch.randn(n, in_ch, h, w, requires_grad=True)
+                conv = torch.nn.Conv2d(in_ch, out_ch, 3, padding=1).requires_grad_(False).to(dtype)
+                x = torch.randn(n, in_ch, h, w, dtype=dtype, requires_grad=True)
                 default = time_ms(lambda x, wt, b: F.conv2d(x, wt, b, 1, 1), x, conv.weight, conv.bias, args.repeats)
                 product = time_ms(conv3x3_as_product, x, conv.weight, conv.bias, args.repeats)
                 routed = routable(conv) and takes_product_path(x, conv.weight)

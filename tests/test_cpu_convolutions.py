@@ -57,7 +57,7 @@ def count_product_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def test_routed_module_takes_the_product_only_at_few_positions_in_fp32(monkeypatch):
+def test_routed_module_takes_the_product_only_at_few_positions_in_fp32_and_bf16(monkeypatch):
     monkeypatch.setattr(cpu_convolutions, "MIN_WEIGHT_ELEMENTS", 0)
     calls = count_product_calls(monkeypatch)
     torch.manual_seed(0)
@@ -70,11 +70,15 @@ def test_routed_module_takes_the_product_only_at_few_positions_in_fp32(monkeypat
         x = torch.randn(shape, requires_grad=True)
         torch.testing.assert_close(conv(x), plain(x), rtol=1e-5, atol=1e-5)
         assert (calls[0] > before) == expect_product, shape
+    x = torch.randn(1, 32, 4, 4)
     before = calls[0]
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps torch's own (oneDNN bf16) path
-        conv(torch.randn(1, 32, 4, 4))
-    conv(torch.randn(1, 32, 4, 4).to(memory_format=torch.channels_last))
-    assert calls[0] == before
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cast as autocast casts conv2d: bf16 out, bf16 rounding
+        routed, reference = conv(x), plain(x)
+    assert calls[0] == before + 1 and routed.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(routed.float(), reference.float(), rtol=0.02, atol=0.02)
+    conv(x.to(memory_format=torch.channels_last))  # these keep torch's own path
+    conv.half()(x.half())
+    assert calls[0] == before + 1
 
 
 def test_lora_on_a_routed_convolution(monkeypatch):

@@ -5,9 +5,10 @@ At batch 1 the SD U-Net's inner levels apply 1280x1280 (and 2560/1920x1280) 3x3 
 on every call, forward and backward: a 1280x1280 convolution at 8x8 takes 3x as long as the same
 work as one matrix product over the unfolded input (`bench/bench_cpu_convolutions.py` measures
 each shape). Those convolutions are weight-bound, so the product, which reads each weight once, is
-what the hardware allows. Only fp32 CPU calls at few positions take the product; everything else
-(GPU, channels-last inputs, larger batches or images, autocast) keeps torch's own choice. The
-weights, keys and saved files are unchanged: the module's `_conv_forward` is routed per instance.
+what the hardware allows; in bf16 (autocast or bf16 weights) oneDNN loses more still. Only fp32 and
+bf16 CPU calls at few positions take the product; everything else (GPU, channels-last inputs, larger
+batches or images, fp16) keeps torch's own choice. The weights, keys and saved files are unchanged:
+the module's `_conv_forward` is routed per instance.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 # is 1.4x faster.
 MIN_WEIGHT_ELEMENTS = 640 * 1920 * 9
 MAX_POSITIONS = 256
+PRODUCT_DTYPES = (torch.float32, torch.bfloat16)  # bf16: oneDNN is 3-9x slower than the product there
 
 
 def routable(conv: torch.nn.Module) -> bool:
@@ -40,15 +42,19 @@ def routable(conv: torch.nn.Module) -> bool:
     )
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution computes in: autocast's where autocast is on (it casts conv2d), else the input's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 def takes_product_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and compute_dtype(x) in PRODUCT_DTYPES
+        and (weight.dtype == x.dtype or (torch.is_autocast_enabled("cpu") and weight.dtype in PRODUCT_DTYPES))
         and x.dim() == 4
         and x.shape[0] * x.shape[2] * x.shape[3] <= MAX_POSITIONS
         and x.is_contiguous()
-        and not torch.is_autocast_enabled("cpu")
     )
 
 
@@ -85,7 +91,8 @@ def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def _routed_conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if takes_product_path(x, weight):
-        return conv3x3_as_product(x, weight, bias)
+        dtype = compute_dtype(x)  # cast as autocast would cast conv2d's arguments
+        return conv3x3_as_product(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     return torch.nn.Conv2d._conv_forward(self, x, weight, bias)
 
 
