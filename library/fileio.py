@@ -131,3 +131,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache folder (never inside a dataset): ``$SD_TRAINER_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/sd-trainer`` (an absolute XDG_CACHE_HOME only, as the XDG spec says), else
+    ``~/.cache/sd-trainer``. Not created here."""
+    own = os.environ.get("SD_TRAINER_CACHE_DIR")
+    if own:
+        return Path(own).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "sd-trainer"
+    return Path.home() / ".cache" / "sd-trainer"

@@ -128,33 +128,12 @@ class LoRAModule(LayerHook):
                 mask = mask[:, :, None, None]  # (batch, rank, h, w)
             lx = lx * mask
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
-        return add_up_projection(org_out, lx, self.lora_up, float(self.multiplier * scale))
+        return org_out + (self.lora_up(lx) * (self.multiplier * scale)).to(org_out.dtype)
 
     def delta_weight(self, multiplier: float | None = None) -> torch.Tensor:
         """ΔW = up·down·alpha/r·multiplier, shaped like the base weight (fp32)."""
         m = self.multiplier if multiplier is None else multiplier
         return lora_delta(self.lora_down.weight, self.lora_up.weight, self.scale * m, self.org_module.weight.shape)
-
-
-def add_up_projection(org_out: torch.Tensor, lx: torch.Tensor, up: torch.nn.Module, scale: float) -> torch.Tensor:
-    """``org_out + up(lx)·scale`` as one fused product-and-add (addmm / baddbmm).
-
-    The plain formula makes two output-sized tensors (the product, then the scaled product) before
-    the sum, forward and backward; on the CPU these cost as much as the LoRA's matrix products at
-    large activations. Fused, the scale lands on the rank-sized factor and the sum in the product.
-    """
-    weight = up.weight
-    if lx.dtype != org_out.dtype and not torch.is_autocast_enabled(org_out.device.type):
-        return org_out + (up(lx) * scale).to(org_out.dtype)  # e.g. fp32 LoRA on a half-precision model
-    if weight.dim() == 2:  # Linear: (..., out) + (..., r) @ (r, out)
-        out = torch.addmm(org_out.reshape(-1, weight.shape[0]), lx.reshape(-1, weight.shape[1]), weight.t(), alpha=scale)
-    else:  # 1x1 Conv2d: (n, out, h*w) + (out, r) @ (n, r, h*w)
-        n, channels = org_out.shape[:2]
-        out = torch.baddbmm(
-            org_out.reshape(n, channels, -1), weight.reshape(channels, -1).expand(n, -1, -1),
-            lx.reshape(n, lx.shape[1], -1), alpha=scale,
-        )  # fmt: skip
-    return out.view(org_out.shape).to(org_out.dtype)
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float, shape) -> torch.Tensor:

@@ -9,6 +9,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory):
+    """The per-user cache (the image-check record, library/fileio.py user_cache_dir) in a folder of this test run,
+    never the user's ~/.cache; scripts the tests start inherit it."""
+    folder = tmp_path_factory.mktemp("user_cache")
+    before = os.environ.get("SD_TRAINER_CACHE_DIR")
+    os.environ["SD_TRAINER_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("SD_TRAINER_CACHE_DIR", None)
+    else:
+        os.environ["SD_TRAINER_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{"sd1": diffusers folder, "sd1_file": LDM .safetensors, "sd2": ..., "sd2_file": ...}."""

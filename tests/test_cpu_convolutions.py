@@ -1,6 +1,6 @@
-"""The CPU product path for the U-Net's large convolutions (library/training/cpu_convolutions.py)
-and the fused LoRA up-projection (networks.lora.add_up_projection): same results as torch's own ops,
-taken exactly where the routing rule says, and training through them equal to training without."""
+"""The CPU product path for the U-Net's large convolutions (library/training/cpu_convolutions.py): same
+results as torch's own convolution, taken exactly where the routing rule says, and training through it
+equal to training without."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import train_network
 from library.training import cpu_convolutions
 from library.training.cpu_convolutions import conv3x3_as_product, routable, route_weight_bound_convolutions
 from library.training.entry import run_recipe
-from networks.lora import LoRAModule, add_up_projection
+from networks.lora import LoRAModule
 from tests.training_helpers import dreambooth_folders, lora_args, max_state_diff
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,26 +99,6 @@ def test_lora_on_a_routed_convolution(monkeypatch):
         layer(x).square().sum().backward()
         grads.append(lora.lora_down.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("layer", ["linear", "conv"])
-def test_fused_up_projection_equals_the_plain_formula(layer):
-    torch.manual_seed(0)
-    if layer == "linear":
-        up, lx, org = torch.nn.Linear(4, 12, bias=False), torch.randn(2, 5, 4), torch.randn(2, 5, 12)
-    else:
-        up, lx, org = torch.nn.Conv2d(4, 12, 1, bias=False), torch.randn(2, 4, 3, 3), torch.randn(2, 12, 3, 3)
-    lx.requires_grad_(True)
-    org.requires_grad_(True)
-    fused = add_up_projection(org, lx, up, 0.37)
-    plain = org + up(lx) * 0.37
-    torch.testing.assert_close(fused, plain)
-    (g_fused_lx, g_fused_w) = torch.autograd.grad(fused.square().sum(), (lx, up.weight))
-    (g_plain_lx, g_plain_w) = torch.autograd.grad(plain.square().sum(), (lx, up.weight))
-    torch.testing.assert_close(g_fused_lx, g_plain_lx)
-    torch.testing.assert_close(g_fused_w, g_plain_w)
-    half = add_up_projection(org.detach().half(), lx.detach(), up, 0.37)  # fp32 LoRA on a half model
-    assert half.dtype == torch.float16
 
 
 def test_training_through_the_product_path_equals_training_without(tiny_models, tmp_path, monkeypatch):

@@ -11,12 +11,13 @@ one object per image, which keeps 100k-image datasets cheap to build and to send
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,9 +43,9 @@ from library.data.dataset_scan import (
     paused_garbage_collection,
     scan_subset,
 )
+from library.data.image_check import ImageCheck, check_images_readable
 from library.data.images import (
     center_crop_left_top,
-    check_images_readable,
     color_augment,
     face_crop_window,
     face_from_name,
@@ -242,46 +243,104 @@ def build_dataset_group(
     check_readable: bool = True,
     max_train_steps: int | None = None,
     workers: int | None = None,
+    defer_readability_check: bool = False,
 ) -> "DatasetGroup":
     """Scan, check, balance and bucket every dataset. Raises ``UnreadableImagesError`` listing every
     unreadable image (unless ``skip_unreadable``) and every unusable caption file, ``MetadataFileError``
     for a metadata file that cannot be read, and ``NoTrainingDataError`` (saying per subset what was
     found) when no image is left to train on. Warnings are not logged here but returned in
-    ``group.warnings`` for the caller to show (once)."""
+    ``group.warnings`` for the caller to show (once).
+
+    The decode check of every image (image_check.py: remembered between runs, in parallel) is finished here,
+    unless ``defer_readability_check``: then, when its answer cannot change the group (no unreadable image or
+    caption file found by the scan, no ``skip_unreadable``), it goes on in the background and
+    ``group.finish_readability_check()`` waits for it and raises the same ``UnreadableImagesError``."""
     # Scanning allocates a few objects per image and makes no reference cycles; with the collector on,
     # its full passes over every live object (the trainer's imports included) cost ~25% of the build.
     with paused_garbage_collection():
         report = ScanReport()
         scanned = [[scan_subset(s, bp, report, workers) for s in bp.subsets] for bp in blueprints]
+        pending = None
         if check_readable:
             paths = {record.path for per_dataset in scanned for records in per_dataset for record in records}
             paths = sorted(paths - checked_images(report.info_caches.values()))  # cache_info: decoded before
-            report.unreadable += [(str(p), reason) for p, reason in check_images_readable(paths, workers)]
-        report.warnings += save_info_caches(report.info_caches.values(), report.unreadable if check_readable else None)
-        if report.caption_errors or (report.unreadable and not skip_unreadable):
-            raise UnreadableImagesError(report.unreadable, report.caption_errors)
-        if report.unreadable:
-            report.warnings.append(
-                f"--skip_unreadable_images: {len(report.unreadable)} unreadable image(s) left out: "
-                + "; ".join(f"{path} ({reason})" for path, reason in report.unreadable)
-            )
-        bad = dict(report.unreadable)  # path -> reason
-        for bp, per_dataset in zip(blueprints, scanned):
-            report.warnings += face_crop_warnings(bp, per_dataset)
-        kept = [[_drop_paths(records, bad) for records in per_dataset] for per_dataset in scanned]
-        masks = mask_files_of(blueprints, kept, check_readable, workers)
-        splits = [split_validation(bp, per_dataset, seed) for bp, per_dataset in zip(blueprints, kept)]
-        datasets = [
-            prepare_dataset(bp, train, prior_loss_weight, max_train_steps, per_dataset_masks)
-            for bp, (train, _), per_dataset_masks in zip(blueprints, splits, masks)
-        ]
-        group = DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings
-        group.validation = _validation_group(blueprints, splits, masks, seed, max_train_steps)
-        unused = _unused_subset_messages(datasets, scanned, report.findings, bad)
-        if group.num_batches_per_epoch == 0:
-            raise NoTrainingDataError(unused or ["no subset gives an image to train on"], report.warnings)
-        group.warnings += unused + regularization_warnings(datasets) + resize_warnings(datasets)
+            if defer_readability_check and not (skip_unreadable or report.unreadable or report.caption_errors):
+                check = ImageCheck(paths, workers, background=True)  # a CPU left for loading the model
+                pending = _PendingCheck(check, list(report.info_caches.values()))
+            else:
+                report.unreadable += [(str(p), reason) for p, reason in check_images_readable(paths, workers)]
+        if pending is None:
+            unreadable = report.unreadable if check_readable else None
+            report.warnings += save_info_caches(report.info_caches.values(), unreadable)
+        try:
+            group = _group_from_scan(blueprints, scanned, report, prior_loss_weight, seed, skip_unreadable,
+                                     check_readable, max_train_steps, workers)
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+            raise
+        group._pending_check = pending
         return group
+
+
+def _group_from_scan(
+    blueprints: Sequence[DatasetBlueprint],
+    scanned: list[list[list[ImageRecord]]],
+    report: ScanReport,
+    prior_loss_weight: float,
+    seed: int,
+    skip_unreadable: bool,
+    check_readable: bool,
+    max_train_steps: int | None,
+    workers: int | None,
+) -> "DatasetGroup":
+    """build_dataset_group after the scan and the decode check (or while the check goes on: nothing unreadable)."""
+    if report.caption_errors or (report.unreadable and not skip_unreadable):
+        raise UnreadableImagesError(report.unreadable, report.caption_errors)
+    if report.unreadable:
+        report.warnings.append(
+            f"--skip_unreadable_images: {len(report.unreadable)} unreadable image(s) left out: "
+            + "; ".join(f"{path} ({reason})" for path, reason in report.unreadable)
+        )
+    bad = dict(report.unreadable)  # path -> reason
+    for bp, per_dataset in zip(blueprints, scanned):
+        report.warnings += face_crop_warnings(bp, per_dataset)
+    kept = [[_drop_paths(records, bad) for records in per_dataset] for per_dataset in scanned]
+    masks = mask_files_of(blueprints, kept, check_readable, workers)
+    splits = [split_validation(bp, per_dataset, seed) for bp, per_dataset in zip(blueprints, kept)]
+    datasets = [
+        prepare_dataset(bp, train, prior_loss_weight, max_train_steps, per_dataset_masks)
+        for bp, (train, _), per_dataset_masks in zip(blueprints, splits, masks)
+    ]
+    group = DatasetGroup(datasets, seed, report.warnings)  # the caller shows group.warnings
+    group.validation = _validation_group(blueprints, splits, masks, seed, max_train_steps)
+    unused = _unused_subset_messages(datasets, scanned, report.findings, bad)
+    if group.num_batches_per_epoch == 0:
+        raise NoTrainingDataError(unused or ["no subset gives an image to train on"], report.warnings)
+    group.warnings += unused + regularization_warnings(datasets) + resize_warnings(datasets)
+    return group
+
+
+class _PendingCheck:
+    """The decode check a deferred build left running, and what its answer is waited for with."""
+
+    def __init__(self, check: ImageCheck, info_caches: list) -> None:
+        self.check = check
+        self.info_caches = info_caches  # cache_info folders: written once the answer is known
+
+    def finish(self) -> list[str]:
+        """The warnings of writing the cache_info files; raises ``UnreadableImagesError`` as the build would have."""
+        unreadable = [(str(path), reason) for path, reason in self.check.result()]
+        warnings = save_info_caches(self.info_caches, unreadable)
+        if unreadable:
+            raise UnreadableImagesError(unreadable)
+        return warnings
+
+    def cancel(self) -> None:
+        self.check.cancel()
+
+    def __reduce__(self):
+        raise TypeError("call finish_readability_check() before a DatasetGroup is copied to another process")
 
 
 def _validation_group(
@@ -332,7 +391,11 @@ def _unused_subset_messages(
 
 
 class DatasetGroup:
-    """All datasets of a run: counts, bucket tables, epoch batch plans and batch loading."""
+    """All datasets of a run: counts, bucket tables, epoch batch plans and batch loading.
+
+    Built with ``defer_readability_check``, the group may come while its images are still being decoded:
+    ``finish_readability_check()`` waits for that (``batches_for_epoch`` calls it, so no batch is planned before).
+    """
 
     def __init__(self, datasets: Sequence[PreparedDataset], seed: int = 0, warnings: Sequence[str] = ()) -> None:
         self.datasets = list(datasets)
@@ -340,6 +403,33 @@ class DatasetGroup:
         self.warnings = list(warnings)
         self._latents: LatentCacheResult | None = None
         self.validation: DatasetGroup | None = None  # the held-out images (validation_split), if any
+        self._pending_check: _PendingCheck | None = None  # the decode check, while it runs in the background
+
+    # ---- the decode check
+
+    @property
+    def readability_check_pending(self) -> bool:
+        return self._pending_check is not None
+
+    def finish_readability_check(self) -> None:
+        """Wait for the decode check left running by ``build_dataset_group(defer_readability_check=True)``, if any:
+        raises the ``UnreadableImagesError`` the build would have raised (every bad file, and the fix), and logs
+        the warnings of writing cache_info files. Does nothing when no check is pending."""
+        pending, self._pending_check = self._pending_check, None
+        if pending is not None:
+            for warning in pending.finish():
+                logger.warning(warning)
+
+    @contextlib.contextmanager
+    def while_checking_images(self) -> Iterator[None]:
+        """Run the block (loading a model) while the decode check goes on, then finish the check; also when the
+        block fails: a bad image is then the error raised, as when the check came before the block."""
+        try:
+            yield
+        except Exception:
+            self.finish_readability_check()
+            raise
+        self.finish_readability_check()
 
     # ---- counts and tables
 
@@ -379,6 +469,7 @@ class DatasetGroup:
 
     def batches_for_epoch(self, epoch: int) -> list[BatchPlan]:
         """Every batch of an epoch, in training order: same (seed, epoch) -> same list."""
+        self.finish_readability_check()  # no batch of images that may not decode
         rng = epoch_generator(self.seed, epoch)
         batches = []
         for index, d in enumerate(self.datasets):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import types
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -249,16 +248,17 @@ def unreadable_reason(path: str | os.PathLike) -> str | None:
     return None
 
 
-def check_images_readable(paths: Iterable[str | os.PathLike], workers: int | None = None) -> list[tuple[Path, str]]:
+def check_images_readable(
+    paths: Iterable[str | os.PathLike], workers: int | None = None, remember: bool = True
+) -> list[tuple[Path, str]]:
     """Every unreadable/empty/truncated file with its reason, in input order (empty list: all good).
 
-    Runs in a thread pool: Pillow releases the GIL while decoding.
+    Decoded in parallel; images that decoded in an earlier check and are unchanged since are skipped
+    (``remember``). The check lives in image_check.py (remembered, parallel, in the background if asked).
     """
-    paths = [Path(p) for p in paths]
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(unreadable_reason, paths))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    from library.data.image_check import check_images_readable as check  # image_check builds on this module
+
+    return check(paths, workers, remember)
 
 
 # ---------------------------------------------------------------- resize, crop, augment

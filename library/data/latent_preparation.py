@@ -41,9 +41,11 @@ def cache_dataset_latents(
 ):
     """(dataset group, what was cached): every image of the dataset encoded to its training cache file.
 
-    The dataset is checked before `load_vae()` runs, so a data mistake costs no model load."""
+    The dataset is checked before `load_vae()` runs, so a data mistake costs no model load; only the decode check
+    of the images goes on while the VAE loads (a bad image is still the error shown)."""
     group = prepare_datasets(args, support)
-    vae = load_vae()
+    with group.while_checking_images():
+        vae = load_vae()
     subsets = [s for d in group.datasets for s in d.blueprint.subsets]
     result: LatentCacheResult = cache_latents(
         group.cache_items(),

@@ -35,9 +35,14 @@ def latent_caching_problems(blueprints: Sequence[DatasetBlueprint], args: argpar
     return problems
 
 
-def prepare_datasets(args: argparse.Namespace, support: DatasetSupport):
+def prepare_datasets(args: argparse.Namespace, support: DatasetSupport, defer_readability_check: bool = True):
     """Validate the dataset options and scan the data; raises one error listing every problem (a
-    ``UserError``: bad options or paths, unreadable images or metadata, or nothing to train on)."""
+    ``UserError``: bad options or paths, unreadable images or metadata, or nothing to train on).
+
+    The decode check of the images may still be running when the group is returned (``defer_readability_check``,
+    see ``build_dataset_group``): the caller loads its model meanwhile, then calls
+    ``group.finish_readability_check()``, which raises the unreadable-images error; planning batches waits for it
+    anyway."""
     from library.data.datasets import NoTrainingDataError, build_dataset_group
     from library.data.masks import mask_option_problems, masked_loss_problems
 
@@ -55,6 +60,7 @@ def prepare_datasets(args: argparse.Namespace, support: DatasetSupport):
             seed=args.seed if getattr(args, "seed", None) is not None else 0,
             skip_unreadable=getattr(args, "skip_unreadable_images", False),
             max_train_steps=getattr(args, "max_train_steps", None),
+            defer_readability_check=defer_readability_check,
         )
     except NoTrainingDataError as err:
         for warning in err.warnings:  # what the scan saw first (skipped files, unmatched keys) explains the error

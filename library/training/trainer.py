@@ -134,8 +134,9 @@ class Trainer:
         self.find_unused_parameters = self.recipe.find_unused_parameters(args)
         accelerator = make_accelerator(args, find_unused_parameters=self.find_unused_parameters)
         self.accelerator = accelerator
-        with model_construction(accelerator, args):  # ZeRO-3: whole unless --zero3_init_flag
-            parts = self._load_base_model()
+        with self.group.while_checking_images():  # the images' decode check goes on while the model loads
+            with model_construction(accelerator, args):  # ZeRO-3: whole unless --zero3_init_flag
+                parts = self._load_base_model()
         ctx = TrainingContext(
             args, self.recipe.info, accelerator, parts, self.group, weight_dtype_for(args.mixed_precision), self.seed,
             self.output_dir, session_id=random.randrange(2**32), started_at=time.time(), evaluation=self._evaluation,
