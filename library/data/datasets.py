@@ -43,7 +43,7 @@ from library.data.dataset_scan import (
     paused_garbage_collection,
     scan_subset,
 )
-from library.data.image_check import ImageCheck, check_images_readable
+from library.data.image_check import ImageCheck, PendingCheck, check_images_readable
 from library.data.images import (
     center_crop_left_top,
     color_augment,
@@ -266,7 +266,7 @@ def build_dataset_group(
             paths = sorted(paths - checked_images(report.info_caches.values()))  # cache_info: decoded before
             if defer_readability_check and not (skip_unreadable or report.unreadable or report.caption_errors):
                 check = ImageCheck(paths, workers, background=True)  # a CPU left for loading the model
-                pending = _PendingCheck(check, list(report.info_caches.values()))
+                pending = PendingCheck(check, list(report.info_caches.values()))
             else:
                 report.unreadable += [(str(p), reason) for p, reason in check_images_readable(paths, workers)]
         if pending is None:
@@ -319,28 +319,6 @@ def _group_from_scan(
         raise NoTrainingDataError(unused or ["no subset gives an image to train on"], report.warnings)
     group.warnings += unused + regularization_warnings(datasets) + resize_warnings(datasets)
     return group
-
-
-class _PendingCheck:
-    """The decode check a deferred build left running, and what its answer is waited for with."""
-
-    def __init__(self, check: ImageCheck, info_caches: list) -> None:
-        self.check = check
-        self.info_caches = info_caches  # cache_info folders: written once the answer is known
-
-    def finish(self) -> list[str]:
-        """The warnings of writing the cache_info files; raises ``UnreadableImagesError`` as the build would have."""
-        unreadable = [(str(path), reason) for path, reason in self.check.result()]
-        warnings = save_info_caches(self.info_caches, unreadable)
-        if unreadable:
-            raise UnreadableImagesError(unreadable)
-        return warnings
-
-    def cancel(self) -> None:
-        self.check.cancel()
-
-    def __reduce__(self):
-        raise TypeError("call finish_readability_check() before a DatasetGroup is copied to another process")
 
 
 def _validation_group(
@@ -403,7 +381,7 @@ class DatasetGroup:
         self.warnings = list(warnings)
         self._latents: LatentCacheResult | None = None
         self.validation: DatasetGroup | None = None  # the held-out images (validation_split), if any
-        self._pending_check: _PendingCheck | None = None  # the decode check, while it runs in the background
+        self._pending_check: PendingCheck | None = None  # the decode check, while it runs in the background
 
     # ---- the decode check
 

@@ -39,11 +39,12 @@ from typing import Iterable
 import PIL
 from PIL import Image
 
+from library.data.dataset_scan import UnreadableImagesError
 from library.data.images import unreadable_reason
-from library.data.info_cache import RACY_NS
+from library.data.info_cache import RACY_NS, save_info_caches
 from library.fileio import atomic_path, user_cache_dir
 
-__all__ = ["RECORD_FOLDER", "ImageCheck", "check_images_readable", "record_file"]
+__all__ = ["RECORD_FOLDER", "ImageCheck", "PendingCheck", "check_images_readable", "record_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -336,3 +337,25 @@ def check_images_readable(
     """Every unreadable/empty/truncated file with its reason, in input order (empty list: all good); images that
     decoded in an earlier check and are unchanged since are not decoded again (``remember``)."""
     return ImageCheck(paths, workers, remember).result()
+
+
+class PendingCheck:
+    """The decode check a deferred build left running, and what its answer is waited for with."""
+
+    def __init__(self, check: ImageCheck, info_caches: list) -> None:
+        self.check = check
+        self.info_caches = info_caches  # cache_info folders: written once the answer is known
+
+    def finish(self) -> list[str]:
+        """The warnings of writing the cache_info files; raises ``UnreadableImagesError`` as the build would have."""
+        unreadable = [(str(path), reason) for path, reason in self.check.result()]
+        warnings = save_info_caches(self.info_caches, unreadable)
+        if unreadable:
+            raise UnreadableImagesError(unreadable)
+        return warnings
+
+    def cancel(self) -> None:
+        self.check.cancel()
+
+    def __reduce__(self):
+        raise TypeError("call finish_readability_check() before a DatasetGroup is copied to another process")
